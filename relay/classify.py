@@ -1,0 +1,382 @@
+"""One classifier for every upstream outcome: each Exchange reply or exception becomes one Verdict.
+
+The reply table is EXCHANGE.md's "Replies and what the relay does with them", kept here as data
+(:data:`RULES`): the first rule whose reply code, enhanced status code, stable text token and stage
+all match decides. Matching never looks at the bracketed tail (``[Hostname=... ]``), which varies.
+
+Why rules are strict about a few things:
+
+* ``5.7.3`` matches exactly: a prefix match would also catch ``5.7.30`` (basic auth), a different fix.
+* ``SubmissionQuotaExceededException`` (daily recipient quota: wait) is tested before
+  ``QuotaExceededException`` (Sent Items full: admin) because the first contains the second.
+* ``5.2.252`` is both "SendAsDenied" and inside the "sender throttled" range ``5.2.251-5.2.255``;
+  the SendAsDenied token decides first.
+* A 5xx before MAIL FROM (greeting, EHLO, STARTTLS) says nothing about the message: it holds the app
+  instead of failing mail (invariant 3: configuration errors hold, never bounce).
+
+``reply`` texts are built from what the server said, or from a fixed description of an exception
+(type, errno name, aiosmtplib's own message): never from ``repr(exc)`` or ``exc.args``, which could
+carry a token or password passed as an argument.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import ssl
+from dataclasses import dataclass
+from enum import StrEnum
+
+import aiosmtplib
+
+from relay.errors import TokenError
+from relay.hints import (
+    AUTH_REJECTED_HINT,
+    NOT_SUPPORTED_HINT,
+    SESSION_REFUSED_HINT,
+    TLS_VERIFY_HINT,
+    hint_for_aadsts,
+    hint_for_reply,
+)
+
+__all__ = [
+    "RULES",
+    "Action",
+    "Rule",
+    "Scope",
+    "Stage",
+    "Verdict",
+    "classify_exception",
+    "classify_recipients",
+    "classify_reply",
+    "parse_enhanced",
+]
+
+#: seconds; what the rules dictate. The scheduler's backoff applies when a verdict says None.
+RETRY_CONNECTIONS = 60.0  # 432 4.3.2: another connection of this mailbox will finish soon
+RETRY_RATE = 60.0  # 421 4.4.2 submission rate: the per-minute window moves on
+RETRY_QUOTA = 3600.0  # 554 5.2.0 SubmissionQuotaExceeded: rolling 24 h window; give up only at max_age
+RETRY_SENDER_THROTTLED = 3600.0  # 550 5.2.25x: Exchange punishes repeated errors; stay away long
+MAX_REPLY = 1000
+
+
+class Action(StrEnum):
+    DELIVERED = "delivered"  # accepted (at DATA: the message is Exchange's now)
+    RETRY = "retry"  # transient: try again (after retry_after, or the scheduler's backoff)
+    HOLD = "hold"  # configuration problem: stop sending for the scope, alarm, never bounce
+    FAILED = "failed"  # permanent for the scope: do not retry blindly
+
+
+class Stage(StrEnum):
+    TOKEN = "token"  # noqa: S105 (a stage name, not a secret)
+    CONNECT = "connect"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+class Scope(StrEnum):
+    MESSAGE = "message"  # this message
+    RECIPIENT = "recipient"  # one recipient of this message
+    MAILBOX = "mailbox"  # everything sent through this mailbox (user=)
+    APP = "app"  # everything sent with this app registration / upstream
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reason: str
+    reply: str
+    scope: Scope
+    retry_after: float | None = None
+    evict_token: bool = False
+    hint: str = ""
+    code: int | None = None
+    enhanced: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the table. Every given criterion must match; alternatives inside one match any.
+
+    ``enhanced`` entries match exactly, or as a prefix when they end in ``.`` (``"5.1."``);
+    ``tokens`` are lower-case substrings of the reply text.
+    """
+
+    action: Action
+    reason: str
+    scope: Scope
+    codes: frozenset[int] = frozenset()
+    code_class: int | None = None  # first digit: 2, 4 or 5
+    enhanced: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()
+    stages: frozenset[Stage] = frozenset()
+    not_stages: frozenset[Stage] = frozenset()
+    retry_after: float | None = None
+    evict_token: bool = False
+    hint: str = ""  # fallback when hints.hint_for_reply has nothing specific
+
+    def matches(self, code: int, enhanced: str, text: str, stage: Stage) -> bool:
+        if self.codes and code not in self.codes:
+            return False
+        if self.code_class is not None and code // 100 != self.code_class:
+            return False
+        if self.stages and stage not in self.stages:
+            return False
+        if stage in self.not_stages:
+            return False
+        if self.enhanced and not any(
+            enhanced.startswith(p) if p.endswith(".") else enhanced == p for p in self.enhanced
+        ):
+            return False
+        return not self.tokens or any(t in text for t in self.tokens)
+
+
+def _stages(*s: Stage) -> frozenset[Stage]:
+    return frozenset(s)
+
+
+A, S, St = Action, Scope, Stage
+_PRE_MAIL = _stages(St.CONNECT, St.EHLO, St.STARTTLS)
+
+RULES: tuple[Rule, ...] = (
+    # -- accepted
+    Rule(A.DELIVERED, "delivered", S.MESSAGE, code_class=2, stages=_stages(St.DATA)),
+    Rule(A.DELIVERED, "accepted", S.RECIPIENT, code_class=2, stages=_stages(St.RCPT)),
+    Rule(A.DELIVERED, "accepted", S.MESSAGE, code_class=2),
+    # -- token too old (high-volume endpoint): evict, re-auth, retry at once
+    Rule(A.RETRY, "token_expiring", S.MESSAGE, enhanced=("5.5.127",), retry_after=0.0, evict_token=True),
+    # -- configuration: hold, never bounce
+    Rule(A.HOLD, "auth_disabled", S.MAILBOX, enhanced=("5.7.139",)),
+    Rule(A.HOLD, "auth_disabled", S.MAILBOX, tokens=("smtpclientauthentication is disabled",)),
+    Rule(A.HOLD, "auth_failed", S.MAILBOX, codes=frozenset({535}), enhanced=("5.7.3",)),
+    Rule(A.HOLD, "basic_auth_rejected", S.APP, enhanced=("5.7.30",)),
+    Rule(A.HOLD, "basic_auth_rejected", S.APP, tokens=("basic authentication is not supported",)),
+    Rule(A.HOLD, "not_authenticated", S.APP, enhanced=("5.7.57",)),
+    Rule(A.HOLD, "not_authenticated", S.APP, codes=frozenset({530})),
+    # -- throttling: transient, paced per mailbox
+    Rule(
+        A.RETRY,
+        "throttled_connections",
+        S.MAILBOX,
+        codes=frozenset({432}),
+        enhanced=("4.3.2",),
+        retry_after=RETRY_CONNECTIONS,
+    ),
+    Rule(
+        A.RETRY,
+        "rate_limited",
+        S.MAILBOX,
+        codes=frozenset({421}),
+        enhanced=("4.4.2",),
+        tokens=("rate",),
+        retry_after=RETRY_RATE,
+    ),
+    # -- daily recipient quota: looks permanent, is not (before QuotaExceededException below)
+    Rule(
+        A.RETRY,
+        "quota_exceeded",
+        S.MAILBOX,
+        tokens=("submissionquotaexceededexception",),
+        retry_after=RETRY_QUOTA,
+    ),
+    # -- permanent for this message (SendAsDenied before the 5.2.251-255 range: 5.2.252 is both)
+    Rule(A.FAILED, "sendas_denied", S.MESSAGE, enhanced=("5.7.60",)),
+    Rule(A.FAILED, "sendas_denied", S.MESSAGE, tokens=("sendasdenied",)),
+    Rule(A.FAILED, "too_big", S.MESSAGE, tokens=("messagesubmissionexceededexception",)),
+    Rule(A.FAILED, "too_big", S.MESSAGE, enhanced=("5.3.4",)),
+    Rule(A.FAILED, "mailbox_full", S.MESSAGE, enhanced=("5.2.2",), not_stages=_stages(St.RCPT)),
+    Rule(
+        A.FAILED, "mailbox_full", S.MESSAGE, tokens=("quotaexceededexception",), not_stages=_stages(St.RCPT)
+    ),
+    # -- Exchange punishes repeated permanent errors: stay away from the mailbox for long
+    Rule(
+        A.RETRY,
+        "sender_throttled",
+        S.MAILBOX,
+        code_class=5,
+        enhanced=("5.2.251", "5.2.252", "5.2.253", "5.2.254", "5.2.255"),
+        retry_after=RETRY_SENDER_THROTTLED,
+    ),
+    Rule(
+        A.RETRY,
+        "sender_throttled",
+        S.MAILBOX,
+        code_class=5,
+        tokens=("sender throttled",),
+        retry_after=RETRY_SENDER_THROTTLED,
+    ),
+    # -- per recipient
+    Rule(A.FAILED, "bad_recipient", S.RECIPIENT, code_class=5, enhanced=("5.1.",), stages=_stages(St.RCPT)),
+    Rule(A.FAILED, "recipient_refused", S.RECIPIENT, code_class=5, stages=_stages(St.RCPT)),
+    Rule(A.RETRY, "transient", S.RECIPIENT, code_class=4, stages=_stages(St.RCPT)),
+    # -- an unknown refusal of AUTH is a configuration problem of that mailbox
+    Rule(A.HOLD, "auth_rejected", S.MAILBOX, code_class=5, stages=_stages(St.AUTH), hint=AUTH_REJECTED_HINT),
+    # -- a 5xx before MAIL FROM is about the session, not the message
+    Rule(A.HOLD, "session_refused", S.APP, code_class=5, stages=_PRE_MAIL, hint=SESSION_REFUSED_HINT),
+    # -- the rest
+    Rule(A.RETRY, "transient", S.MESSAGE, code_class=4),
+    Rule(A.FAILED, "rejected", S.MESSAGE, code_class=5),
+)
+
+_ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def parse_enhanced(text: str) -> str:
+    """The RFC 3463 enhanced status code at the start of a reply text (``5.7.3``), or ''."""
+    m = _ENHANCED_RE.match(text.lstrip())
+    return ".".join(m.groups()) if m else ""
+
+
+def _clean(text: str) -> str:
+    """One line, no control characters, bounded length."""
+    text = _CONTROL_RE.sub(" ", text).strip()
+    text = re.sub(r" {2,}", " ", text)
+    return text if len(text) <= MAX_REPLY else text[: MAX_REPLY - 3] + "..."
+
+
+def _strip_code(code: int, text: str) -> str:
+    """Drop a leading ``550 ``/``550-`` when the caller passed a whole reply line as text."""
+    text = text.strip()
+    for sep in (" ", "-"):
+        if text.startswith(f"{code}{sep}"):
+            return text[4:]
+    return text
+
+
+def classify_reply(code: int, text: str, stage: Stage) -> Verdict:
+    """Classify an SMTP reply ``code`` + ``text`` (the text after the code, lines joined) at ``stage``."""
+    body = _strip_code(code, text or "")
+    enhanced = parse_enhanced(body)
+    reply = _clean(f"{code} {body}" if body else str(code))
+    lowered = body.lower()
+    if not 200 <= code <= 599 or code // 100 == 3:
+        return Verdict(A.RETRY, "unexpected_reply", reply, S.MESSAGE, code=code, enhanced=enhanced)
+    for rule in RULES:
+        if rule.matches(code, enhanced, lowered, stage):
+            hint = "" if rule.action is A.DELIVERED else (hint_for_reply(code, enhanced, body) or rule.hint)
+            return Verdict(
+                action=rule.action,
+                reason=rule.reason,
+                reply=reply,
+                scope=rule.scope,
+                retry_after=rule.retry_after,
+                evict_token=rule.evict_token,
+                hint=hint,
+                code=code,
+                enhanced=enhanced,
+            )
+    # Unreachable: 2xx, 4xx and 5xx each have a catch-all rule.
+    return Verdict(A.RETRY, "unexpected_reply", reply, S.MESSAGE, code=code, enhanced=enhanced)
+
+
+def classify_recipients(exc: aiosmtplib.SMTPRecipientsRefused) -> dict[str, Verdict]:
+    """One verdict per refused recipient (aiosmtplib raises this when every recipient was refused)."""
+    return {r.recipient: classify_reply(r.code, r.message, St.RCPT) for r in exc.recipients}
+
+
+_SEVERITY = {A.HOLD: 3, A.RETRY: 2, A.FAILED: 1, A.DELIVERED: 0}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """exc, its __cause__/__context__, ... (bounded, loop-safe)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(out) < 8 and all(cur is not e for e in out):
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _oserror_text(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "") if isinstance(exc.errno, int) else ""
+    parts = [type(exc).__name__]
+    if name:
+        parts.append(name)
+    if exc.strerror:
+        parts.append(str(exc.strerror))
+    return _clean(": ".join(parts))
+
+
+def _smtp_text(exc: aiosmtplib.SMTPException) -> str:
+    # aiosmtplib's own messages ("Connection lost", "Timed out waiting for server response",
+    # "Error connecting to host on port 587: [Errno 111] Connection refused") carry no secrets.
+    return _clean(f"{type(exc).__name__}: {exc.message}")
+
+
+def classify_exception(exc: BaseException, stage: Stage) -> Verdict:
+    """Classify what went wrong at ``stage`` when no (or no usable) reply came back.
+
+    Do not pass ``asyncio.CancelledError``: cancellation is not an outcome; re-raise it.
+    """
+    if isinstance(exc, TokenError):
+        code_text = f" AADSTS{exc.aadsts}" if exc.aadsts is not None else ""
+        first = (exc.description or "").splitlines()[0] if exc.description else ""
+        reply = _clean(
+            f"token request failed: {exc.error}{code_text}" + (f": {first[:200]}" if first else "")
+        )
+        if exc.transient:
+            return Verdict(A.RETRY, "token_unavailable", reply, S.APP)
+        return Verdict(
+            A.HOLD, "token_config", reply, S.APP, hint=hint_for_aadsts(exc.aadsts, exc.description)
+        )
+
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        verdicts = list(classify_recipients(exc).values())
+        if not verdicts:
+            return Verdict(A.RETRY, "transient", "SMTPRecipientsRefused: no recipients", S.MESSAGE)
+        return max(verdicts, key=lambda v: _SEVERITY[v.action])
+
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
+            stage = St.RCPT
+        elif isinstance(exc, aiosmtplib.SMTPSenderRefused):
+            stage = St.MAIL
+        elif isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            stage = St.AUTH
+        if 200 <= exc.code <= 599:
+            return classify_reply(exc.code, exc.message, stage)
+        return Verdict(A.RETRY, "transient", _smtp_text(exc), S.MESSAGE, code=None)
+
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            detail = (
+                getattr(e, "verify_message", None)
+                or getattr(e, "reason", None)
+                or "certificate verify failed"
+            )
+            return Verdict(
+                A.HOLD,
+                "tls",
+                _clean(f"TLS certificate verification failed: {detail}"),
+                S.APP,
+                hint=TLS_VERIFY_HINT,
+            )
+    for e in chain:
+        if isinstance(e, ssl.SSLError):
+            return Verdict(
+                A.RETRY,
+                "transient",
+                _clean(f"TLS error: {getattr(e, 'reason', None) or type(e).__name__}"),
+                S.MESSAGE,
+            )
+
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        if "smtputf8" in exc.message.lower():
+            return Verdict(A.FAILED, "not_supported", _smtp_text(exc), S.MESSAGE)
+        return Verdict(A.HOLD, "not_supported", _smtp_text(exc), S.APP, hint=NOT_SUPPORTED_HINT)
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError, SMTPTimeoutError, SMTPConnectTimeoutError
+        text = _smtp_text(exc) if isinstance(exc, aiosmtplib.SMTPException) else "timeout"
+        return Verdict(A.RETRY, "timeout", text, S.MESSAGE)
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPConnectError):
+        return Verdict(A.RETRY, "connection", _smtp_text(exc), S.MESSAGE)
+    if isinstance(exc, aiosmtplib.SMTPException):
+        return Verdict(A.RETRY, "transient", _smtp_text(exc), S.MESSAGE)
+    if isinstance(exc, OSError):  # ConnectionError, socket.gaierror, ...
+        return Verdict(A.RETRY, "connection", _oserror_text(exc), S.MESSAGE)
+    return Verdict(A.RETRY, "internal_error", _clean(f"unexpected {type(exc).__name__}"), S.MESSAGE)

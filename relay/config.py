@@ -1,0 +1,684 @@
+"""YAML configuration -> validated, frozen settings.
+
+Secrets never need to sit in the file: any string may reference an environment variable as
+``${NAME}``, and every secret has a ``*_file`` twin (systemd ``LoadCredential=`` puts files under
+``$CREDENTIALS_DIRECTORY``, Docker under ``/run/secrets``). Every problem becomes a
+:class:`relay.errors.ConfigError` naming the file, the key and the fix; the CLI exits 2 on it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import stat
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from relay.errors import ConfigError
+
+# --------------------------------------------------------------------------- value parsers
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|k|mb|m|gb|g|kib|mib|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """``10s``, ``5m``, ``24h``, ``1d``, ``250ms`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 10s, 5m, 24h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"expected a duration such as 10s, 5m, 24h, got {value!r}")
+
+
+def parse_size(value: Any) -> int:
+    """``35MB``, ``512KiB`` or a bare number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 25MB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = m.group(2).lower() if m.group(2) else None
+            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(f"expected a size such as 25MB or 512KiB, got {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+_GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+_DOMAIN_RE = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+_ADDRESS_RE = re.compile(r"^[^@\s<>\x00]+@[^@\s<>\x00]+$")
+
+
+def _address(value: str) -> str:
+    if not _ADDRESS_RE.match(value):
+        raise ValueError(f"expected an email address like user@contoso.com, got {value!r}")
+    return value.lower()
+
+
+Address = Annotated[str, BeforeValidator(lambda v: _address(v) if isinstance(v, str) else v)]
+
+
+def parse_host_port(value: str, default_port: int) -> tuple[str, int]:
+    """``127.0.0.1:2525``, ``[::1]:2525``, ``localhost`` -> (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":") or str(default_port)
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    elif value.count(":") > 1:  # bare IPv6 address
+        host, port = value, str(default_port)
+    else:
+        host, port = value, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:2525, got {value!r}")
+    return host, int(port)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- clouds
+
+class Cloud(StrEnum):
+    GLOBAL = "global"
+    GCC = "gcc"
+    GCC_HIGH = "gcc-high"
+    DOD = "dod"
+    CHINA = "china"
+    HVE = "hve"
+
+
+class CloudPreset(_Model):
+    authority_host: str
+    scope: str
+    smtp_host: str
+    connections: int = 3
+    per_minute: int = 30
+
+
+#: EXCHANGE.md "Clouds". DoD, China and HVE hosts are marked unverified there: every value is
+#: overridable per app (authority_host, scope, smtp_host) and per mailbox (pacing).
+CLOUDS: Mapping[Cloud, CloudPreset] = {
+    Cloud.GLOBAL: CloudPreset(authority_host="https://login.microsoftonline.com",
+                              scope="https://outlook.office365.com/.default", smtp_host="smtp.office365.com"),
+    Cloud.GCC: CloudPreset(authority_host="https://login.microsoftonline.com",
+                           scope="https://outlook.office365.com/.default", smtp_host="smtp.office365.com"),
+    Cloud.GCC_HIGH: CloudPreset(authority_host="https://login.microsoftonline.us",
+                                scope="https://outlook.office365.us/.default", smtp_host="smtp.office365.us"),
+    Cloud.DOD: CloudPreset(authority_host="https://login.microsoftonline.us",
+                           scope="https://outlook-dod.office365.us/.default",
+                           smtp_host="outlook-dod.office365.us"),
+    Cloud.CHINA: CloudPreset(authority_host="https://login.partner.microsoftonline.cn",
+                             scope="https://partner.outlook.cn/.default", smtp_host="smtp.partner.outlook.cn"),
+    # High Volume Email: internal recipients only; its limits are not published per minute the way
+    # mailbox submission's are, so the pacing default is deliberately higher but still bounded.
+    Cloud.HVE: CloudPreset(authority_host="https://login.microsoftonline.com",
+                           scope="https://outlook.office365.com/.default", smtp_host="smtp.hve.mx.microsoft",
+                           connections=3, per_minute=120),
+}
+
+
+# --------------------------------------------------------------------------- sections
+
+class TlsMode(StrEnum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+class ListenSettings(_Model):
+    address: str = "127.0.0.1:2525"
+    tls: TlsMode = TlsMode.NONE
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, v: str) -> str:
+        parse_host_port(v, 2525)
+        return v
+
+    @property
+    def host(self) -> str:
+        return parse_host_port(self.address, 2525)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_host_port(self.address, 2525)[1]
+
+
+class ListenerTlsSettings(_Model):
+    cert_file: Path
+    key_file: Path
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class AuthMode(StrEnum):
+    OPTIONAL = "optional"  # allowlisted networks may send without AUTH; others must authenticate
+    REQUIRED = "required"  # everyone authenticates
+    NONE = "none"  # no AUTH offered: allowlisted networks only
+
+
+class NetworkRule(_Model):
+    network: str
+    may_send_as: tuple[str, ...] = ()
+    mailbox: Address | None = None
+
+    @field_validator("network")
+    @classmethod
+    def _check_network(cls, v: str) -> str:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise ValueError(f"expected a network such as 10.0.0.0/8 or ::1, got {v!r}") from None
+        return v
+
+
+def _network_rule(value: Any) -> Any:
+    return {"network": value} if isinstance(value, str) else value
+
+
+class AcceptSettings(_Model):
+    networks: tuple[Annotated[NetworkRule, BeforeValidator(_network_rule)], ...] = (
+        NetworkRule(network="127.0.0.0/8"),
+        NetworkRule(network="::1"),
+    )
+    auth: AuthMode = AuthMode.OPTIONAL
+    #: AUTH over a connection without TLS: allowed only from loopback unless set to ``anywhere``.
+    plaintext_auth: Literal["loopback", "anywhere"] = "loopback"
+
+
+class UserSettings(_Model):
+    name: str = Field(min_length=1)
+    password_hash: str
+    may_send_as: tuple[str, ...] = ()
+    mailbox: Address | None = None
+
+    @field_validator("password_hash")
+    @classmethod
+    def _check_hash(cls, v: str) -> str:
+        if not v.startswith(("scrypt$", "$argon2")):
+            raise ValueError(
+                "expected a password hash made by `oauth-smtp-relay hash-password` (scrypt$...), "
+                "never a plain password"
+            )
+        return v
+
+
+class CertificateCredential(_Model):
+    """An app certificate: a PEM private key + the thumbprint (or the PEM certificate), or a PFX."""
+
+    private_key_file: Path | None = None
+    thumbprint: str | None = None
+    certificate_file: Path | None = None
+    pfx_file: Path | None = None
+    pfx_password: SecretStr | None = None
+    pfx_password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> CertificateCredential:
+        if self.pfx_file is None and self.private_key_file is None:
+            raise ValueError("give private_key_file (with thumbprint or certificate_file) or pfx_file")
+        if self.pfx_file is not None and self.private_key_file is not None:
+            raise ValueError("give either private_key_file or pfx_file, not both")
+        if self.private_key_file is not None and not (self.thumbprint or self.certificate_file):
+            raise ValueError("private_key_file needs thumbprint (SHA-1 hex from the portal) or certificate_file")
+        if self.thumbprint is not None and not re.fullmatch(r"[0-9A-Fa-f:]{40,95}", self.thumbprint):
+            raise ValueError("thumbprint must be the certificate's hex thumbprint as shown in the portal")
+        return self
+
+
+class AppSettings(_Model):
+    name: str = Field(min_length=1)
+    cloud: Cloud = Cloud.GLOBAL
+    tenant_id: str
+    client_id: str
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    certificate: CertificateCredential | None = None
+    #: Workload identity federation (Kubernetes): a file holding the projected service-account token.
+    federated_token_file: Path | None = None
+    authority_host: str | None = None
+    scope: str | None = None
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    #: CA bundle to trust for the token endpoint / for the SMTP host, in addition to nothing else:
+    #: when set, only these CAs are trusted. Unset: the system's trust store.
+    token_ca_file: Path | None = None
+    smtp_ca_file: Path | None = None
+    #: HTTPS proxy for Entra ID requests (SMTP goes direct). Unset: HTTPS_PROXY/NO_PROXY if present.
+    proxy: str | None = None
+    timeout: Duration = 30.0
+
+    @field_validator("tenant_id")
+    @classmethod
+    def _check_tenant(cls, v: str) -> str:
+        if not (_GUID_RE.match(v) or _DOMAIN_RE.match(v)):
+            raise ValueError(
+                "expected the Directory (tenant) ID GUID from the app registration's Overview page "
+                "(or the tenant's domain, e.g. contoso.onmicrosoft.com)"
+            )
+        return v
+
+    @field_validator("client_id")
+    @classmethod
+    def _check_client(cls, v: str) -> str:
+        if not _GUID_RE.match(v):
+            raise ValueError("expected the Application (client) ID GUID from the app registration's Overview page")
+        return v
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> AppSettings:
+        given = [k for k in ("client_secret", "certificate", "federated_token_file") if getattr(self, k)]
+        if len(given) == 0:
+            raise ValueError(
+                "no credential: set client_secret (or client_secret_file), certificate, or "
+                "federated_token_file (admin step 4)"
+            )
+        if len(given) > 1:
+            raise ValueError(f"give exactly one credential, found {', '.join(given)}")
+        return self
+
+    @property
+    def preset(self) -> CloudPreset:
+        return CLOUDS[self.cloud]
+
+    @property
+    def effective_authority_host(self) -> str:
+        return (self.authority_host or self.preset.authority_host).rstrip("/")
+
+    @property
+    def authority(self) -> str:
+        return f"{self.effective_authority_host}/{self.tenant_id}"
+
+    @property
+    def effective_scope(self) -> str:
+        return self.scope or self.preset.scope
+
+    @property
+    def effective_smtp_host(self) -> str:
+        return self.smtp_host or self.preset.smtp_host
+
+
+class MailboxSettings(_Model):
+    address: Address
+    app: str
+    transport: Literal["smtp"] = "smtp"
+    connections: int | None = Field(default=None, ge=1, le=50)
+    per_minute: int | None = Field(default=None, ge=0)
+
+
+class RewriteFrom(StrEnum):
+    NEVER = "never"
+    WHEN_NOT_ALLOWED = "when-not-allowed"
+    ALWAYS = "always"
+
+
+class SenderSettings(_Model):
+    default_mailbox: Address | None = None
+    rewrite_from: RewriteFrom = RewriteFrom.WHEN_NOT_ALLOWED
+
+
+class PerMailboxSettings(_Model):
+    connections: int = Field(default=3, ge=1, le=50)
+    #: messages per minute per mailbox; 0 disables pacing (benchmarks only: Exchange throttles).
+    per_minute: int = Field(default=30, ge=0)
+
+
+class RetrySettings(_Model):
+    first: Duration = 30.0
+    max: Duration = 3600.0
+    factor: float = Field(default=2.0, ge=1.0)
+
+
+class DsnSettings(_Model):
+    to_sender: bool = False
+    admin: Address | None = None
+
+
+class DeliverySettings(_Model):
+    sync_wait: Duration = 10.0
+    max_age: Duration = 86400.0
+    timeout: Duration = 60.0
+    retry: RetrySettings = RetrySettings()
+    per_mailbox: PerMailboxSettings = PerMailboxSettings()
+    idle_close: Duration = 60.0
+    dsn: DsnSettings = DsnSettings()
+
+
+class AuthFailureSettings(_Model):
+    max: int = Field(default=10, ge=1)
+    window: Duration = 600.0
+    ban: Duration = 900.0
+
+
+class LimitSettings(_Model):
+    max_message_size: Size = 35 * 1024 * 1024
+    max_recipients: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=200, ge=1)
+    max_connections_per_address: int = Field(default=50, ge=1)
+    idle_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0
+    #: longest DATA line accepted. RFC 5321 says 998, but legacy apps write longer lines (HTML on one
+    #: line) and Exchange Online accepts them, so the default is lenient; set 998 to be strict.
+    line_length: int = Field(default=10000, ge=78)
+    auth_failures: AuthFailureSettings = AuthFailureSettings()
+
+
+class SpoolSettings(_Model):
+    path: Path = Path("/var/spool/oauth-smtp-relay")
+    fsync: bool = True
+
+
+class ObservabilitySettings(_Model):
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    http: str | None = None
+
+    @field_validator("http")
+    @classmethod
+    def _check_http(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_host_port(v, 9465)
+        return v
+
+
+class Settings(_Model):
+    """The whole configuration. Frozen: a reload builds a new one."""
+
+    listen: tuple[ListenSettings, ...] = (ListenSettings(),)
+    tls: ListenerTlsSettings | None = None
+    hostname: str | None = None
+    accept: AcceptSettings = AcceptSettings()
+    users: tuple[UserSettings, ...] = ()
+    apps: tuple[AppSettings, ...] = Field(min_length=1)
+    mailboxes: tuple[MailboxSettings, ...] = Field(min_length=1)
+    sender: SenderSettings = SenderSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    limits: LimitSettings = LimitSettings()
+    spool: SpoolSettings = SpoolSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Settings:
+        _unique("apps", [a.name for a in self.apps])
+        _unique("mailboxes", [m.address for m in self.mailboxes])
+        _unique("users", [u.name for u in self.users])
+        app_names = {a.name for a in self.apps}
+        for i, mbx in enumerate(self.mailboxes):
+            if mbx.app not in app_names:
+                raise _KeyedError(f"mailboxes[{i}].app",
+                                  f"no app named {mbx.app!r}; apps are: {', '.join(sorted(app_names))}")
+        mailboxes = {m.address for m in self.mailboxes}
+        if self.sender.default_mailbox and self.sender.default_mailbox not in mailboxes:
+            raise _KeyedError("sender.default_mailbox",
+                              f"{self.sender.default_mailbox!r} is not listed under mailboxes")
+        for i, user in enumerate(self.users):
+            if user.mailbox and user.mailbox not in mailboxes:
+                raise _KeyedError(f"users[{i}].mailbox", f"{user.mailbox!r} is not listed under mailboxes")
+        for i, rule in enumerate(self.accept.networks):
+            if rule.mailbox and rule.mailbox not in mailboxes:
+                raise _KeyedError(f"accept.networks[{i}].mailbox",
+                                  f"{rule.mailbox!r} is not listed under mailboxes")
+        needs_tls = [lst.address for lst in self.listen if lst.tls is not TlsMode.NONE]
+        if needs_tls and self.tls is None:
+            raise _KeyedError("tls", f"listener(s) {', '.join(needs_tls)} use TLS: set tls.cert_file and tls.key_file")
+        if self.accept.auth is not AuthMode.NONE and not self.users and self.accept.auth is AuthMode.REQUIRED:
+            raise _KeyedError("users", "accept.auth is 'required' but no users are configured")
+        return self
+
+    def app(self, name: str) -> AppSettings:
+        for app in self.apps:
+            if app.name == name:
+                return app
+        raise KeyError(name)
+
+    def mailbox(self, address: str) -> MailboxSettings | None:
+        address = address.lower()
+        for mbx in self.mailboxes:
+            if mbx.address == address:
+                return mbx
+        return None
+
+    def mailbox_connections(self, mbx: MailboxSettings) -> int:
+        return mbx.connections or self.delivery.per_mailbox.connections
+
+    def mailbox_per_minute(self, mbx: MailboxSettings) -> int:
+        if mbx.per_minute is not None:
+            return mbx.per_minute
+        return self.delivery.per_mailbox.per_minute
+
+
+class _KeyedError(ValueError):
+    """A cross-reference problem that knows which key it is about."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(problem)
+
+
+def _unique(section: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise _KeyedError(f"{section}[{i}]", f"{name!r} appears twice")
+        seen.add(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PLACEHOLDER_RE = re.compile(r"<[A-Z][A-Z0-9_ -]*>")
+#: keys whose value is a secret; each has a ``<key>_file`` twin read at load time.
+_SECRET_FILE_KEYS = {"client_secret_file": "client_secret", "pfx_password_file": "pfx_password"}
+_INLINE_SECRET_KEYS = {"client_secret", "pfx_password"}
+
+
+def _key_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _resolve(node: Any, path: tuple[str | int, ...], file: str, base: Path, env: Mapping[str, str],
+             inline_secrets: list[str]) -> Any:
+    """Expand ``${ENV}``, refuse example placeholders, read ``*_file`` secrets."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise ConfigError(file, _key_path((*path, str(key))), "keys must be strings")
+            out[key] = _resolve(value, (*path, key), file, base, env, inline_secrets)
+        for file_key, secret_key in _SECRET_FILE_KEYS.items():
+            if file_key in out:
+                if secret_key in out:
+                    raise ConfigError(file, _key_path((*path, file_key)),
+                                      f"give either {secret_key} or {file_key}, not both")
+                out[secret_key] = _read_secret_file(out.pop(file_key), (*path, file_key), file, base)
+            elif isinstance(out.get(secret_key), str) and secret_key in node and "${" not in str(node[secret_key]):
+                inline_secrets.append(_key_path((*path, secret_key)))
+        return out
+    if isinstance(node, list):
+        return [_resolve(v, (*path, i), file, base, env, inline_secrets) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        def substitute(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                raise ConfigError(file, _key_path(path),
+                                  f"environment variable {name} is not set (referenced as ${{{name}}})")
+            return env[name]
+
+        value = _ENV_RE.sub(substitute, node)
+        if _PLACEHOLDER_RE.search(value):
+            raise ConfigError(file, _key_path(path),
+                              f"{value!r} is a placeholder from the example config: put the real value here")
+        return value
+    return node
+
+
+def _read_secret_file(value: Any, path: tuple[str | int, ...], file: str, base: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(file, _key_path(path), "expected the path of a file holding the secret")
+    secret_path = Path(value)
+    if not secret_path.is_absolute():
+        secret_path = base / secret_path
+    try:
+        text = secret_path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(file, _key_path(path),
+                          f"cannot read {secret_path}: {exc.strerror or exc}; check the path and that the "
+                          "relay's user may read it") from None
+    if not text:
+        raise ConfigError(file, _key_path(path), f"{secret_path} is empty")
+    return text
+
+
+def _relative_paths(settings_dict: dict[str, Any], base: Path) -> None:
+    """File paths in the config are relative to the config file's folder."""
+    def fix(node: Any, key: str) -> Any:
+        if isinstance(node, str) and key.endswith(("_file", "path")) and not os.path.isabs(node):
+            return str(base / node)
+        if isinstance(node, dict):
+            return {k: fix(v, k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v, key) for v in node]
+        return node
+
+    for k, v in list(settings_dict.items()):
+        settings_dict[k] = fix(v, k)
+
+
+def _suggest(loc: tuple[str | int, ...], raw: Any) -> str:
+    """'did you mean ...' for an unknown key, from the keys the model allows."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            for c in args:
+                inner = getattr(c, "__origin__", None)
+                if inner is not None:
+                    for a in getattr(c, "__args__", ()):
+                        if isinstance(a, type) and issubclass(a, BaseModel):
+                            model = a
+    if model is None:
+        return ""
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else f" (allowed: {', '.join(model.model_fields)})"
+
+
+def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
+    """Read, resolve and validate a config file. Raises ConfigError naming file and key."""
+    file = str(path)
+    env = os.environ if env is None else env
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read the config file: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(file, "", f"not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "", "expected a mapping of sections (listen, apps, mailboxes, ...)")
+    base = Path(path).resolve().parent
+    inline_secrets: list[str] = []
+    resolved = _resolve(raw, (), file, base, env, inline_secrets)
+    _relative_paths(resolved, base)
+    settings = settings_from_dict(resolved, file)
+    if inline_secrets:
+        _warn_if_readable(Path(path), inline_secrets)
+    return settings
+
+
+#: warnings produced while loading (e.g. world-readable file with inline secrets); the service logs them.
+load_warnings: list[str] = []
+
+
+def _warn_if_readable(path: Path, keys: list[str]) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        load_warnings.append(
+            f"{path} holds an inline secret ({', '.join(keys)}) and is readable by group/others: "
+            f"chmod 600 {path}, or move the secret to a *_file or ${{ENV}} reference"
+        )
+
+
+def settings_from_dict(data: Mapping[str, Any], file: str = "<config>") -> Settings:
+    """Validate an already-resolved mapping (used by load_settings and by the demo)."""
+    try:
+        return Settings.model_validate(data)
+    except _KeyedError as exc:
+        raise ConfigError(file, exc.key, exc.problem) from None
+    except ValidationError as exc:
+        problems = [_describe(err, data) for err in exc.errors()]
+        key, problem = problems[0]
+        for other_key, other_problem in problems[1:5]:
+            problem += f"\n{file}: {other_key}: {other_problem}"
+        raise ConfigError(file, key, problem) from None
+
+
+def _describe(err: Any, data: Mapping[str, Any]) -> tuple[str, str]:
+    """One pydantic error -> (key path, what is wrong and how to fix it)."""
+    loc = tuple(err["loc"])
+    inner = (err.get("ctx") or {}).get("error")
+    if isinstance(inner, _KeyedError):
+        return inner.key, inner.problem
+    key = _key_path(loc)
+    if err["type"] == "extra_forbidden":
+        return key, "unknown key" + _suggest(loc, data)
+    if err["type"] == "missing":
+        return key, "required key is missing"
+    return key, str(err["msg"]).removeprefix("Value error, ")

@@ -1,0 +1,284 @@
+"""Admin hints: what an administrator must do when Entra ID or Exchange Online says no.
+
+Shared by the classifier (the hint travels with a verdict into logs and the dead-letter record) and
+by the ``check`` command. The steps are EXCHANGE.md's "Admin setup" list, numbered the same way, so a
+log line can say "admin step 5" and the docs, ``check`` and this module agree on what that means.
+Fix texts hold placeholders in angle brackets (``<MAILBOX>``); :meth:`Step.render` fills them in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "AADSTS_HINTS",
+    "AUTH_REJECTED_HINT",
+    "NOT_SUPPORTED_HINT",
+    "SESSION_REFUSED_HINT",
+    "STEPS",
+    "TLS_VERIFY_HINT",
+    "AadstsHint",
+    "Step",
+    "hint_for_aadsts",
+    "hint_for_reply",
+    "parse_aadsts",
+    "step_ref",
+]
+
+
+@dataclass(frozen=True)
+class Step:
+    number: int
+    title: str
+    fix: str  # what to do; PowerShell lines and URLs with <PLACEHOLDERS>
+
+    def render(self, **values: str) -> str:
+        """The fix text with ``<NAME>`` placeholders replaced by ``values['NAME']`` (case-insensitive)."""
+        lookup = {k.upper(): v for k, v in values.items()}
+
+        def fill(m: re.Match[str]) -> str:
+            return lookup.get(m.group(1).upper(), m.group(0))
+
+        return re.sub(r"<([A-Za-z_]+)>", fill, self.fix)
+
+    def __str__(self) -> str:
+        return f"step {self.number} ({self.title})"
+
+
+STEPS: dict[int, Step] = {
+    1: Step(
+        1,
+        "App registration in Microsoft Entra ID",
+        "Register an application in Microsoft Entra ID (App registrations > New registration; single tenant,"
+        " or multi-tenant for partners). Put its Application (client) ID and Directory (tenant) ID into the"
+        " relay's apps: section (client_id, tenant_id).",
+    ),
+    2: Step(
+        2,
+        "API permission SMTP.SendAsApp",
+        "In the app registration: API permissions > Add a permission > APIs my organization uses >"
+        " Office 365 Exchange Online > Application permissions > SMTP.SendAsApp.\n"
+        "Alternative without an Entra permission (RBAC for Applications, Exchange Online PowerShell):\n"
+        "  New-ManagementRoleAssignment -Role 'Application SMTP.SendAsApp' -App <APPLICATION_ID>"
+        " -CustomResourceScope <SCOPE>",
+    ),
+    3: Step(
+        3,
+        "Tenant admin consent",
+        "Single tenant: API permissions > 'Grant admin consent for <TENANT>'.\n"
+        "Multi-tenant: a tenant admin opens\n"
+        "  https://login.microsoftonline.com/<TENANT_ID>/v2.0/adminconsent?client_id=<CLIENT_ID>"
+        "&redirect_uri=<REDIRECT_URI>&scope=https://outlook.office365.com/.default\n"
+        'Without consent Entra ID still issues a token, but it lacks roles: ["SMTP.SendAsApp"] and'
+        " Exchange answers 535 5.7.3.",
+    ),
+    4: Step(
+        4,
+        "Credential (client secret, certificate or federated token)",
+        "Certificates & secrets: create a client secret and copy its Value (shown once; not the Secret ID),"
+        " or upload a certificate (preferred) and configure its private key and thumbprint, or use a"
+        " federated credential (Kubernetes workload identity: AZURE_FEDERATED_TOKEN_FILE, audience"
+        " api://AzureADTokenExchange). Point the relay's app at it (client_secret_file, certificate_file).",
+    ),
+    5: Step(
+        5,
+        "Exchange service principal and mailbox permissions",
+        "In Exchange Online PowerShell, as a tenant admin:\n"
+        "  New-ServicePrincipal -AppId <APPLICATION_ID> -ObjectId <ENTERPRISE_APP_OBJECT_ID>\n"
+        "    (the Object ID from Enterprise applications, NOT from App registrations)\n"
+        "  Get-ServicePrincipal | fl    # note the ID field: <SERVICE_PRINCIPAL_ID>\n"
+        "  Add-MailboxPermission -Identity <MAILBOX> -User <SERVICE_PRINCIPAL_ID> -AccessRights FullAccess\n"
+        "and for each other From address:\n"
+        "  Add-RecipientPermission -Identity <FROM_ADDRESS> -Trustee <SERVICE_PRINCIPAL_ID>"
+        " -AccessRights SendAs",
+    ),
+    6: Step(
+        6,
+        "SMTP AUTH enabled for the mailbox",
+        "SMTP AUTH must be enabled for the tenant or the mailbox, even with OAuth:\n"
+        "  Set-CASMailbox <MAILBOX> -SmtpClientAuthenticationDisabled $false\n"
+        "(check with: Get-CASMailbox <MAILBOX> | fl SmtpClientAuthenticationDisabled; tenant-wide:"
+        " Get-TransportConfig | fl SmtpClientAuthenticationDisabled). Security defaults or a conditional"
+        " access policy can also block SMTP AUTH.",
+    ),
+}
+
+
+def step_ref(*numbers: int) -> str:
+    """``admin steps 2 (API permission ...), 3 (...)`` for a hint line."""
+    parts = [f"{n} ({STEPS[n].title})" for n in numbers]
+    return ("admin step " if len(parts) == 1 else "admin steps ") + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class AadstsHint:
+    code: int
+    meaning: str
+    hint: str
+    step: int | None
+
+
+AADSTS_HINTS: dict[int, AadstsHint] = {
+    h.code: h
+    for h in (
+        AadstsHint(
+            7000215,
+            "invalid client secret",
+            "the secret's Value was expected, not the Secret ID; copy the Value of a new secret",
+            4,
+        ),
+        AadstsHint(7000222, "client secret expired", "create a new client secret and configure it", 4),
+        AadstsHint(700016, "app not found in tenant", "wrong client ID or tenant ID", 1),
+        AadstsHint(
+            90002, "tenant not found", "wrong tenant ID, or the app is configured for the wrong cloud", 1
+        ),
+        AadstsHint(
+            700027,
+            "certificate signature mismatch",
+            "the configured certificate/thumbprint does not match the certificate uploaded to the app",
+            4,
+        ),
+        AadstsHint(
+            7000218, "no secret or assertion sent", "the credential is missing in the relay's config", 4
+        ),
+        AadstsHint(
+            70011,
+            "invalid scope",
+            "the scope must end in /.default (e.g. https://outlook.office365.com/.default)",
+            None,
+        ),
+        AadstsHint(
+            500011,
+            "resource principal not found",
+            "Exchange Online is not in this tenant, or the app is configured for the wrong cloud",
+            None,
+        ),
+    )
+}
+
+_AADSTS_RE = re.compile(r"AADSTS(\d{4,9})")
+
+
+def parse_aadsts(text: str) -> int | None:
+    """The first AADSTS code in ``text`` (``AADSTS7000215: Invalid client secret...``), or None."""
+    m = _AADSTS_RE.search(text or "")
+    return int(m.group(1)) if m else None
+
+
+def hint_for_aadsts(code: int | None, description: str) -> str:
+    """A one-paragraph hint for an Entra ID token error. Never echoes the description."""
+    if code is None:
+        code = parse_aadsts(description)
+    if code is None:
+        return (
+            "Entra ID refused the token request: check the tenant ID and client ID ("
+            + step_ref(1)
+            + ") and the credential ("
+            + step_ref(4)
+            + ")."
+        )
+    known = AADSTS_HINTS.get(code)
+    if known is None:
+        return (
+            f"AADSTS{code}: see https://login.microsoftonline.com/error?code={code}; check "
+            + step_ref(1, 4)
+            + "."
+        )
+    where = f" ({step_ref(known.step)})" if known.step is not None else ""
+    return f"AADSTS{code} {known.meaning}: {known.hint}{where}."
+
+
+def hint_for_reply(code: int | None, enhanced: str, text: str) -> str:
+    """The admin hint for an Exchange reply, '' when the reply needs no admin."""
+    t = (text or "").lower()
+    e = enhanced or ""
+    if e == "5.7.3" or (code == 535 and not e):
+        return (
+            "Exchange refused the token (535 5.7.3). One of four causes: the service principal is not"
+            " registered in Exchange, or registered with the wrong Object ID (use the Enterprise"
+            " application's Object ID, not the App registration's); the service principal has no"
+            " FullAccess on the mailbox named in user=; or the token lacks the SMTP.SendAsApp role"
+            " (permission or admin consent missing). Fix: "
+            + step_ref(2, 3, 5)
+            + ": New-ServicePrincipal -AppId <APPLICATION_ID> -ObjectId <ENTERPRISE_APP_OBJECT_ID>;"
+            " Add-MailboxPermission -Identity <MAILBOX> -User <SERVICE_PRINCIPAL_ID>"
+            " -AccessRights FullAccess."
+        )
+    if e == "5.7.139" or "smtpclientauthentication is disabled" in t:
+        extra = ""
+        if "security defaults" in t:
+            extra = (
+                " The tenant's security defaults block SMTP AUTH: turn them off or use a policy exception."
+            )
+        elif "conditional access" in t:
+            extra = " A conditional access policy blocks SMTP AUTH for this sign-in."
+        return (
+            "SMTP AUTH is disabled for the tenant or the mailbox (" + step_ref(6) + "): "
+            "Set-CASMailbox <MAILBOX> -SmtpClientAuthenticationDisabled $false." + extra
+        )
+    if e == "5.7.30" or "basic authentication is not supported" in t:
+        return (
+            "Exchange saw Basic authentication: the relay must authenticate upstream with XOAUTH2 only;"
+            " check that the app's upstream settings do not configure a username/password."
+        )
+    if e == "5.7.57" or code == 530:
+        return (
+            "Exchange says the relay is not authenticated: upstream sessions must STARTTLS and AUTH"
+            " XOAUTH2 before MAIL FROM; check the upstream host/port (smtp.office365.com:587)."
+        )
+    if "sender throttled" in t or (e in {"5.2.251", "5.2.253", "5.2.254", "5.2.255"}):
+        return (
+            "Exchange throttles the sender after repeated permanent errors: fix the cause of the earlier"
+            " failures (SendAs rights, bad recipients, size); the relay waits before trying again."
+        )
+    if e == "5.7.60" or "sendasdenied" in t:
+        return (
+            "The service principal may not send as this From address ("
+            + step_ref(5)
+            + "): Add-RecipientPermission -Identity <FROM_ADDRESS> -Trustee <SERVICE_PRINCIPAL_ID>"
+            " -AccessRights SendAs, or let policy rewrite the From to the mailbox."
+        )
+    if "submissionquotaexceeded" in t:
+        return (
+            "The mailbox used its 10,000 recipients per rolling 24 hours: mail waits and is retried;"
+            " spread traffic over more mailboxes if this recurs."
+        )
+    if "messagesubmissionexceeded" in t or e == "5.3.4" or code == 552:
+        return (
+            "The message is larger than the mailbox's MaxSendSize: the sender must send less, or an admin"
+            " raises it (Set-Mailbox <MAILBOX> -MaxSendSize 35MB)."
+        )
+    if e == "5.2.2" or "quotaexceededexception" in t or "mailbox full" in t:
+        return (
+            "The sending mailbox is full (usually its Sent Items): an admin must empty it or raise its"
+            " quota (Set-Mailbox <MAILBOX> -ProhibitSendQuota ...), or stop saving sent copies."
+        )
+    if e == "4.3.2" and code == 432:
+        return (
+            "Too many concurrent connections for the mailbox: lower delivery.per_mailbox.connections (max 3)."
+        )
+    return ""
+
+
+TLS_VERIFY_HINT = (
+    "The upstream server's certificate failed verification: check the SMTP host name (e.g."
+    " smtp.office365.com for the global cloud), the system CA certificates, and any TLS-intercepting proxy"
+    " or firewall between the relay and Exchange Online."
+)
+
+NOT_SUPPORTED_HINT = (
+    "The upstream server does not offer STARTTLS or AUTH XOAUTH2: check the upstream host and port"
+    " (smtp.office365.com:587 with STARTTLS for the global cloud)."
+)
+
+AUTH_REJECTED_HINT = (
+    "Exchange refused the relay's authentication: run `oauth-smtp-relay check` and verify "
+    + step_ref(2, 3, 5, 6)
+    + "."
+)
+
+SESSION_REFUSED_HINT = (
+    "Exchange refused the session before any message was sent (greeting, EHLO or STARTTLS): check the"
+    " upstream host and port, and whether Exchange blocks the relay's public IP address."
+)

@@ -1,0 +1,176 @@
+"""Logs, metrics and health: everything reports here, nothing in the pipeline reads it back.
+
+- Logs: one event per line. JSON when not on a terminal (journald, Docker, Kubernetes collect it),
+  human text on a terminal. Structured fields come from ``extra=`` (queue_id, message_id, event...).
+  Nothing that logs here passes a secret, a token, a password or a message body.
+- Metrics: Prometheus (prometheus-client), on a private registry so tests can run several relays.
+- Health: ``/healthz`` (alive) and ``/readyz`` (listener up, spool writable, nothing on hold) served
+  with ``/metrics`` by a small WSGI server in a thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(_extras(record))
+        if record.exc_info and record.exc_info[0] is not None:
+            out["error_type"] = record.exc_info[0].__name__  # never the traceback text: it may hold data
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level msg key=value ...`` for a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        fields = " ".join(f"{k}={v}" for k, v in _extras(record).items() if k != "event")
+        event = getattr(record, "event", "")
+        head = f"{ts} {record.levelname:<7} {record.getMessage()}"
+        if event and event not in record.getMessage():
+            head += f" [{event}]"
+        return f"{head} {fields}".rstrip()
+
+
+def setup_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if getattr(stream, "isatty", lambda: False)() else "json"
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Libraries that log request details (URLs with tenant ids are fine; bodies are not) stay quiet.
+    for noisy in ("mail.log", "msal", "urllib3", "asyncio", "aiosmtplib"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class Metrics:
+    """The relay's Prometheus metrics. Labels are bounded: reasons, mailboxes and apps from config."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter("relay_messages_received", "Messages accepted from clients", registry=r)
+        self.delivered_total = Counter("relay_messages_delivered", "Messages accepted by Exchange",
+                                       ["mailbox"], registry=r)
+        self.deferred_total = Counter("relay_messages_deferred", "Attempts deferred, by reason", ["reason"],
+                                      registry=r)
+        self.failed_total = Counter("relay_messages_failed", "Messages refused permanently, by reason",
+                                    ["reason"], registry=r)
+        self.dead_total = Counter("relay_messages_dead_lettered", "Messages moved to dead letters", ["reason"],
+                                  registry=r)
+        self.attempts = Histogram("relay_upstream_attempt_seconds", "Upstream attempt duration",
+                                  ["outcome"], registry=r,
+                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.queue_depth = Gauge("relay_queue_messages", "Messages in the spool, by state", ["state"], registry=r)
+        self.oldest_age = Gauge("relay_queue_oldest_seconds", "Age of the oldest queued message", registry=r)
+        self.token_requests = Counter("relay_token_requests", "Token requests to Entra ID", ["app"], registry=r)
+        self.token_failures = Counter("relay_token_failures", "Failed token requests", ["app", "error"],
+                                      registry=r)
+        self.token_expiry = Gauge("relay_token_seconds_to_expiry", "Seconds until the current token expires",
+                                  ["app"], registry=r)
+        self.held = Gauge("relay_held", "Apps or mailboxes on hold for a configuration problem", registry=r)
+        self.auth_failures = Counter("relay_client_auth_failures", "Failed client AUTH attempts", registry=r)
+
+    def attempt(self, mailbox: str, reason: str, seconds: float) -> None:
+        self.attempts.labels(reason).observe(seconds)
+
+    def delivered(self, mailbox: str) -> None:
+        self.delivered_total.labels(mailbox).inc()
+
+    def deferred(self, reason: str) -> None:
+        self.deferred_total.labels(reason).inc()
+
+    def failed(self, reason: str) -> None:
+        self.failed_total.labels(reason).inc()
+
+    def dead(self, reason: str) -> None:
+        self.dead_total.labels(reason[:40]).inc()
+
+    def set_holds(self, n: int) -> None:
+        self.held.set(n)
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+Readiness = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class HealthServer:
+    """``/metrics``, ``/healthz``, ``/readyz`` on a loopback address, in its own thread."""
+
+    def __init__(self, host: str, port: int, metrics: Metrics, readiness: Readiness,
+                 refresh: Callable[[], None] | None = None) -> None:
+        self.metrics = metrics
+        self.readiness = readiness
+        self.refresh = refresh
+        self._server = make_server(host, port, self._app, server_class=_ThreadingWSGIServer,
+                                   handler_class=_QuietHandler)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            ok, detail = self.readiness()
+            body = json.dumps({"ready": ok, **detail}, default=str).encode()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
+            return [body]
+        if path == "/metrics":
+            if self.refresh is not None:
+                self.refresh()
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [self.metrics.render()]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]

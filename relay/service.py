@@ -1,0 +1,302 @@
+"""Wires the parts and owns the lifecycle: start, reload (SIGHUP), drain and stop (SIGTERM/SIGINT).
+
+The only module that knows every other one. Order of start: spool (recover what a crash left) ->
+tokens -> upstream pool -> delivery scheduler -> listeners (last: we accept mail only when we can keep
+it) -> health endpoint -> READY=1 to systemd. Stop is the reverse; in-flight deliveries get a grace
+period and otherwise stay in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
+from relay.config import Settings, load_settings, load_warnings, parse_host_port
+from relay.delivery import Delivery
+from relay.envelope import Envelope, Route
+from relay.errors import SpoolFull, TokenError
+from relay.listener import (
+    AuthLimiter,
+    BodySink,
+    ListenerState,
+    make_server_tls_context,
+    start_listener,
+)
+from relay.observability import HealthServer, Metrics
+from relay.policy import Policy
+from relay.spool import BodyWriter, Spool, State
+from relay.tokens import Token, TokenProviders
+from relay.upstream import SessionPool, Submitter
+
+log = logging.getLogger("relay.service")
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd about our state (READY=1, STOPPING=1, WATCHDOG=1, STATUS=...). No-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError:
+        return False
+
+
+class Relay:
+    """One running relay. ``await start()``, then ``await stop()``; or ``await serve_forever()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: str | None = None,
+        clock: Callable[[], float] = time.time,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.clock = clock
+        self.environ = os.environ if environ is None else environ
+        self.metrics = Metrics()
+        self.spool = Spool(settings.spool.path, clock=clock, fsync=settings.spool.fsync)
+        self.tokens = TokenProviders(settings.apps, environ=self.environ, clock=clock,
+                                     config_file=config_path or "<config>")
+        for provider in self.tokens:
+            provider.on_acquired = self._token_acquired(provider.app.name)
+            provider.on_failed = self._token_failed(provider.app.name)
+        self.pool = SessionPool(local_hostname=settings.hostname or socket.getfqdn() or "localhost",
+                                timeout=settings.delivery.timeout, idle_close=settings.delivery.idle_close)
+        self.submitter = Submitter(self.pool, {a.name: a for a in settings.apps},
+                                   {p.app.name: p for p in self.tokens}, self._connections_for)
+        self.delivery = Delivery(settings, self.spool, self.submitter, self.metrics, clock=clock,
+                                 probe=self.probe)
+        self.listener_state = ListenerState(
+            settings=settings,
+            policy=Policy(settings),
+            intake=self,
+            auth_limiter=AuthLimiter(settings.limits.auth_failures.max, settings.limits.auth_failures.window,
+                                     settings.limits.auth_failures.ban),
+        )
+        self.servers: list[asyncio.base_events.Server] = []
+        self.health: HealthServer | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self.ports: list[int] = []
+
+    # ------------------------------------------------------------------ wiring helpers
+
+    def _connections_for(self, mailbox: str) -> int:
+        mbx = self.settings.mailbox(mailbox)
+        return self.settings.mailbox_connections(mbx) if mbx else self.settings.delivery.per_mailbox.connections
+
+    def _token_acquired(self, app: str) -> Callable[[Token], None]:
+        def record(token: Token) -> None:
+            self.metrics.token_requests.labels(app).inc()
+            self.metrics.token_expiry.labels(app).set(token.expires_at - self.clock())
+        return record
+
+    def _token_failed(self, app: str) -> Callable[[TokenError], None]:
+        def record(exc: TokenError) -> None:
+            self.metrics.token_requests.labels(app).inc()
+            code = f"AADSTS{exc.aadsts}" if exc.aadsts else exc.error
+            self.metrics.token_failures.labels(app, code).inc()
+        return record
+
+    # ------------------------------------------------------------------ Intake (for the listener)
+
+    def new_body(self) -> BodySink:
+        writer: BodyWriter = self.spool.writer()
+        return writer
+
+    async def accept(self, envelope: Envelope, route: Route, body: BodySink, *, message_id: str,
+                     client: str) -> str:
+        assert isinstance(body, BodyWriter)
+        try:
+            entry = await asyncio.to_thread(self.spool.store, envelope, route, body, message_id=message_id,
+                                            client=client, state=State.ACTIVE)
+        except SpoolFull:
+            log.error("spool full: message refused with 452", extra={"event": "spool_full", "client": client})
+            raise
+        self.metrics.received.inc()
+        log.info("received", extra={"event": "received", "queue_id": entry.id, "message_id": message_id,
+                                    "client": client, "mailbox": route.mailbox,
+                                    "recipients": len(envelope.rcpt_tos), "size": entry.size,
+                                    **({"note": "; ".join(route.notes)} if route.notes else {})})
+        return await self.delivery.deliver_now(entry, self.settings.delivery.sync_wait)
+
+    # ------------------------------------------------------------------ hold probes
+
+    async def probe(self, route: Route) -> Verdict:
+        """Token + STARTTLS + AUTH for ``route.mailbox``, no message: does the admin's fix work yet?"""
+        provider = self.tokens[route.app]
+        stage = Stage.TOKEN
+        try:
+            await provider.evict()
+            token = await provider.get()
+            stage = Stage.CONNECT
+            session = await self.pool.connect(provider.app, route.mailbox, token)
+            self.pool.release(session)
+        except TokenError as exc:
+            return classify_exception(exc, Stage.TOKEN)
+        except aiosmtplib.SMTPResponseException as exc:
+            return classify_reply(exc.code, exc.message, Stage.AUTH)
+        except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            return classify_exception(exc, stage)
+        return Verdict(action=Action.DELIVERED, reason="probe_ok", reply="235 2.7.0 Authentication successful",
+                       scope=Scope.MAILBOX, retry_after=None, evict_token=False, hint="", code=235,
+                       enhanced="2.7.0")
+
+    # ------------------------------------------------------------------ readiness
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        holds = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint}
+                 for b in self.delivery.holds()]
+        listening = bool(self.servers) and all(s.is_serving() for s in self.servers)
+        writable = self.spool.writable()
+        ok = listening and writable and not holds
+        return ok, {"listening": listening, "spool_writable": writable, "holds": holds}
+
+    def refresh_gauges(self) -> None:
+        try:
+            stats = self.spool.stats()
+        except Exception:  # metrics must never take the relay down
+            return
+        for state, count in stats.counts.items():
+            self.metrics.queue_depth.labels(str(state)).set(count)
+        oldest = stats.oldest_created_at
+        self.metrics.oldest_age.set(self.clock() - oldest if oldest else 0)
+        for provider in self.tokens:
+            if provider.current.value:
+                self.metrics.token_expiry.labels(provider.app.name).set(provider.current.expires_at - self.clock())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        for warning in load_warnings:
+            log.warning(warning, extra={"event": "config_warning"})
+        report = await asyncio.to_thread(self.spool.open)
+        log.info("spool opened", extra={"event": "spool_opened", "path": str(self.settings.spool.path),
+                                        "recovery": str(report)})
+        self._scheduler = asyncio.get_running_loop().create_task(self.delivery.run(), name="scheduler")
+        tls = None
+        if self.settings.tls is not None:
+            tls = make_server_tls_context(str(self.settings.tls.cert_file), str(self.settings.tls.key_file),
+                                          self.settings.tls.min_version)
+        for listen in self.settings.listen:
+            server = await start_listener(listen, self.listener_state, tls)
+            self.servers.append(server)
+            port = server.sockets[0].getsockname()[1]
+            self.ports.append(port)
+            log.info("listening", extra={"event": "listening", "address": f"{listen.host}:{port}",
+                                         "tls": str(listen.tls)})
+        if self.settings.observability.http:
+            host, port = parse_host_port(self.settings.observability.http, 9465)
+            self.health = HealthServer(host, port, self.metrics, self.readiness, self.refresh_gauges)
+            self.health.start()
+            log.info("health endpoint", extra={"event": "health_listening",
+                                               "address": f"{host}:{self.health.port}"})
+        sd_notify("READY=1\nSTATUS=accepting mail")
+        self._watchdog = asyncio.get_running_loop().create_task(self._watchdog_loop(), name="watchdog")
+
+    async def _watchdog_loop(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC")
+        if not usec or not usec.isdigit():
+            return
+        interval = int(usec) / 1e6 / 2
+        while True:
+            await asyncio.sleep(interval)
+            sd_notify("WATCHDOG=1")
+
+    async def reload(self, settings: Settings | None = None) -> None:
+        """Apply new users, sender policy and limits without dropping connections or mail.
+
+        Apps, mailboxes, listeners and the spool path need a restart; a change there is logged."""
+        if settings is None:
+            if self.config_path is None:
+                return
+            settings = await asyncio.to_thread(load_settings, self.config_path)
+        restart_needed = [k for k in ("listen", "apps", "mailboxes", "spool", "tls")
+                          if getattr(settings, k) != getattr(self.settings, k)]
+        state = self.listener_state
+        state.settings = settings
+        state.policy = Policy(settings)
+        limits = settings.limits.auth_failures
+        state.auth_limiter.max_failures, state.auth_limiter.window, state.auth_limiter.ban = (
+            limits.max, limits.window, limits.ban)
+        self.delivery.settings = settings
+        self.settings = settings
+        log.info("configuration reloaded", extra={"event": "reloaded", "restart_needed_for": restart_needed})
+        if restart_needed:
+            log.warning("some changes take effect only after a restart",
+                        extra={"event": "reload_partial", "sections": restart_needed})
+
+    async def stop(self, grace: float = 10.0) -> None:
+        sd_notify("STOPPING=1")
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
+        await self.delivery.stop(grace)
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pool.close_idle(), timeout=5)
+        if self.health is not None:
+            self.health.stop()
+        self.tokens.close()
+        await asyncio.to_thread(self.spool.close)
+        self._stopped.set()
+        log.info("stopped", extra={"event": "stopped"})
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._safe_reload()))
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping", extra={"event": "stopping"})
+            await self.stop()
+
+    async def _safe_reload(self) -> None:
+        from relay.errors import ConfigError
+
+        sd_notify("RELOADING=1")
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays", extra={
+                "event": "reload_failed", "error": str(exc)})
+        finally:
+            sd_notify("READY=1")
+
+
+def spool_path(settings: Settings) -> Path:
+    return settings.spool.path

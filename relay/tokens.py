@@ -1,0 +1,289 @@
+"""App-only OAuth 2.0 tokens from Microsoft Entra ID, one MSAL application per app registration.
+
+Why this shape:
+- MSAL keeps its token cache inside the ``ConfidentialClientApplication``; one instance per app
+  registration, created once, is what makes "one token request per token lifetime" possible.
+- MSAL is synchronous (requests). Calls run in a worker thread so the event loop never blocks; an
+  ``asyncio.Lock`` makes them single-flight: 50 deliveries that need a token at once cause one request.
+- We keep the current token and its expiry ourselves, so the hot path (every delivery) returns it
+  without a thread hop. Ahead of expiry (``refresh_in`` from Entra, else 75 % of the lifetime) one
+  background refresh fetches the next token while the current one is still handed out: no message
+  waits on Entra ID.
+- ``requests`` honours ``REQUESTS_CA_BUNDLE`` over ``verify=``; the session is built with
+  ``trust_env=False`` so that the configured CA bundle and proxy are the ones used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import msal
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from relay.config import AppSettings
+from relay.errors import ConfigError, TokenError
+
+log = logging.getLogger("relay.tokens")
+
+#: OAuth errors after which waiting (not an admin) may help.
+_TRANSIENT_ERRORS = {"temporarily_unavailable", "server_error", "request_timeout"}
+#: A token this close to expiry is not handed out any more (Exchange refuses "token will expire soon").
+_EXPIRY_MARGIN = 120.0
+
+
+@dataclass(frozen=True)
+class Token:
+    """An access token and when it stops being usable. ``value`` must never be logged."""
+
+    value: str = ""
+    expires_at: float = 0.0
+    refresh_at: float = 0.0
+    source: str = ""
+
+    def __repr__(self) -> str:  # keep the secret out of any accidental repr/log
+        return f"Token(expires_at={self.expires_at:.0f}, source={self.source!r})"
+
+    def claims(self) -> dict[str, Any]:
+        """The token's claims, decoded for inspection only (never trusted, never printed whole)."""
+        try:
+            return dict(jwt.decode(self.value, options={"verify_signature": False}))
+        except jwt.PyJWTError:
+            return {}
+
+
+def build_http_session(app: AppSettings, environ: Mapping[str, str]) -> requests.Session:
+    """A requests session that trusts exactly the configured CA and uses exactly the configured proxy."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(app.token_ca_file) if app.token_ca_file else True
+    proxy = app.proxy or _proxy_from_environment(app.effective_authority_host, environ)
+    if proxy:
+        session.proxies = {"https": proxy, "http": proxy}
+    return session
+
+
+def _proxy_from_environment(url: str, environ: Mapping[str, str]) -> str | None:
+    """HTTPS_PROXY / https_proxy honouring NO_PROXY, as curl and requests understand them."""
+    proxy = environ.get("HTTPS_PROXY") or environ.get("https_proxy")
+    if not proxy:
+        return None
+    no_proxy = environ.get("NO_PROXY") or environ.get("no_proxy") or ""
+    host = url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*" or host == entry.lstrip(".") or host.endswith("." + entry.lstrip(".")):
+            return None
+    return proxy
+
+
+def build_credential(app: AppSettings, file: str = "<config>") -> str | dict[str, Any]:
+    """The ``client_credential`` MSAL wants, from the configured secret, certificate or federated file."""
+    if app.client_secret is not None:
+        return app.client_secret.get_secret_value()
+    if app.federated_token_file is not None:
+        path = app.federated_token_file
+
+        def read_assertion() -> str:
+            # Re-read on every token request: Kubernetes rotates the projected token file.
+            return Path(path).read_text(encoding="utf-8").strip()
+
+        return {"client_assertion": read_assertion}
+    cert = app.certificate
+    assert cert is not None  # guaranteed by AppSettings validation
+    key = f"apps[{app.name}].certificate"
+    try:
+        if cert.pfx_file is not None:
+            password = cert.pfx_password.get_secret_value().encode() if cert.pfx_password else None
+            private_key, certificate, _ = pkcs12.load_key_and_certificates(cert.pfx_file.read_bytes(), password)
+            if private_key is None or certificate is None:
+                raise ConfigError(file, f"{key}.pfx_file", "the PFX holds no private key and certificate")
+            key_pem = private_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ).decode()
+            return {
+                "private_key": key_pem,
+                "thumbprint": certificate.fingerprint(hashes.SHA1()).hex(),  # noqa: S303 - Entra's x5t is SHA-1
+                "public_certificate": certificate.public_bytes(serialization.Encoding.PEM).decode(),
+            }
+        assert cert.private_key_file is not None
+        key_pem = cert.private_key_file.read_text(encoding="utf-8")
+        serialization.load_pem_private_key(key_pem.encode(), password=None)  # fail early, clearly
+        credential: dict[str, Any] = {"private_key": key_pem}
+        if cert.certificate_file is not None:
+            pem = cert.certificate_file.read_bytes()
+            certificate = x509.load_pem_x509_certificate(pem)
+            credential["public_certificate"] = pem.decode()
+            credential["thumbprint"] = certificate.fingerprint(hashes.SHA1()).hex()  # noqa: S303
+        if cert.thumbprint:
+            credential["thumbprint"] = cert.thumbprint.replace(":", "").lower()
+        return credential
+    except ConfigError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(file, key, f"cannot load the certificate credential: {reason}") from None
+
+
+class TokenProvider:
+    """Tokens for one app registration. Create once; share between all deliveries."""
+
+    def __init__(
+        self,
+        app: AppSettings,
+        *,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        config_file: str = "<config>",
+    ) -> None:
+        import os
+
+        self.app = app
+        self._clock = clock
+        self._session = build_http_session(app, os.environ if environ is None else environ)
+        self._msal = msal.ConfidentialClientApplication(
+            app.client_id,
+            client_credential=build_credential(app, config_file),
+            authority=app.authority,
+            http_client=self._session,
+            instance_discovery=False,
+            timeout=app.timeout,
+        )
+        self._token = Token()
+        self._lock = asyncio.Lock()
+        self._refresh_task: asyncio.Task[None] | None = None
+        self.requests = 0  # token requests that reached (or tried to reach) Entra ID
+        self.failures = 0
+        self.last_error: TokenError | None = None
+        self.on_acquired: Callable[[Token], None] | None = None
+        self.on_failed: Callable[[TokenError], None] | None = None
+
+    @property
+    def current(self) -> Token:
+        return self._token
+
+    def _usable(self, token: Token) -> bool:
+        return bool(token.value) and self._clock() < token.expires_at - _EXPIRY_MARGIN
+
+    async def get(self) -> Token:
+        """A usable token; starts a background refresh when the current one is due for it."""
+        token = self._token
+        if self._usable(token):
+            if self._clock() >= token.refresh_at and self._refresh_task is None:
+                self._refresh_task = asyncio.get_running_loop().create_task(self._background_refresh())
+            return token
+        async with self._lock:
+            token = self._token
+            if self._usable(token):  # another task fetched it while we waited
+                return token
+            return await self._fetch(force=True)
+
+    async def _background_refresh(self) -> None:
+        try:
+            async with self._lock:
+                if self._clock() >= self._token.refresh_at:
+                    await self._fetch(force=True)
+        except TokenError as exc:
+            log.warning("token refresh failed; the current token stays in use until it expires",
+                        extra={"event": "token_refresh_failed", "app": self.app.name, "error": str(exc)})
+        finally:
+            self._refresh_task = None
+
+    async def evict(self, rejected: Token | None = None) -> None:
+        """Exchange rejected the token: drop it so the next :meth:`get` fetches a new one.
+
+        ``rejected`` avoids evicting a newer token fetched by a concurrent delivery meanwhile.
+        """
+        async with self._lock:
+            if rejected is None or rejected.value == self._token.value:
+                self._token = Token()
+                await asyncio.to_thread(self._msal.remove_tokens_for_client)
+
+    async def _fetch(self, *, force: bool) -> Token:
+        if force:
+            await asyncio.to_thread(self._msal.remove_tokens_for_client)
+        self.requests += 1
+        try:
+            result = await asyncio.to_thread(self._acquire)
+        except TokenError as exc:
+            self.failures += 1
+            self.last_error = exc
+            if self.on_failed:
+                self.on_failed(exc)
+            raise
+        token = self._token_from(result)
+        self._token = token
+        self.last_error = None
+        if self.on_acquired:
+            self.on_acquired(token)
+        log.info("token acquired", extra={
+            "event": "token_acquired", "app": self.app.name, "source": token.source,
+            "expires_in": round(token.expires_at - self._clock()),
+        })
+        return token
+
+    def _acquire(self) -> dict[str, Any]:
+        """Runs in a worker thread: the only place that calls MSAL for a token."""
+        try:
+            result = self._msal.acquire_token_for_client(scopes=[self.app.effective_scope])
+        except requests.RequestException as exc:
+            raise TokenError(self.app.name, "unreachable",
+                             f"cannot reach {self.app.effective_authority_host}: {type(exc).__name__}",
+                             transient=True) from None
+        except ValueError as exc:  # MSAL raises ValueError for malformed discovery answers
+            raise TokenError(self.app.name, "invalid_response", str(exc)[:200], transient=True) from None
+        if not isinstance(result, dict):
+            raise TokenError(self.app.name, "invalid_response", "MSAL returned no result", transient=True)
+        if "access_token" in result:
+            return result
+        error = str(result.get("error", "unknown_error"))
+        description = str(result.get("error_description", "")).split("\r\n", 1)[0].split("\n", 1)[0]
+        codes = result.get("error_codes") or []
+        aadsts = int(codes[0]) if codes and str(codes[0]).isdigit() else None
+        transient = error in _TRANSIENT_ERRORS or (aadsts is None and error in {"unknown_error"})
+        raise TokenError(self.app.name, error, description[:300], aadsts=aadsts, transient=transient)
+
+    def _token_from(self, result: Mapping[str, Any]) -> Token:
+        now = self._clock()
+        expires_in = float(result.get("expires_in", 3600))
+        refresh_in = result.get("refresh_in")
+        refresh_after = float(refresh_in) if refresh_in else expires_in * 0.75
+        refresh_after = min(refresh_after, max(expires_in - 2 * _EXPIRY_MARGIN, 0.0))
+        return Token(
+            value=str(result["access_token"]),
+            expires_at=now + expires_in,
+            refresh_at=now + refresh_after,
+            source=str(result.get("token_source", "identity_provider")),
+        )
+
+    def close(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+        self._session.close()
+
+
+class TokenProviders:
+    """The providers of all configured apps, by app name."""
+
+    def __init__(self, apps: tuple[AppSettings, ...], **kwargs: Any) -> None:
+        self._by_name = {app.name: TokenProvider(app, **kwargs) for app in apps}
+
+    def __getitem__(self, name: str) -> TokenProvider:
+        return self._by_name[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._by_name.values())
+
+    def close(self) -> None:
+        for provider in self._by_name.values():
+            provider.close()

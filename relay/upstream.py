@@ -1,0 +1,312 @@
+"""Sessions to Exchange Online: STARTTLS, AUTH XOAUTH2, reuse, and one classified outcome per attempt.
+
+A :class:`SessionPool` per relay keeps, per mailbox, at most ``connections`` authenticated sessions
+(Exchange allows 3 per mailbox) and reuses them for many messages: the TLS handshake and AUTH cost
+more than a message. A session that died while idle is replaced transparently as long as no byte of
+the message was sent yet; one whose token is about to expire is closed rather than reused.
+
+:meth:`Submitter.submit` runs MAIL / RCPT / DATA itself instead of ``sendmail()`` so that every reply
+is classified with the stage it belongs to, and per-recipient answers are kept per recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
+from relay.config import AppSettings
+from relay.envelope import Envelope, Route
+from relay.errors import TokenError
+from relay.tokens import Token, TokenProvider
+
+log = logging.getLogger("relay.upstream")
+
+#: A pooled session is not reused when its token expires within this many seconds.
+_TOKEN_REUSE_MARGIN = 300.0
+
+
+def xoauth2_initial_response(user: str, token: str) -> str:
+    """The base64 ``AUTH XOAUTH2`` initial response: ``user=<mailbox>^Aauth=Bearer <token>^A^A``."""
+    return aiosmtplib.auth.auth_xoauth2_encode(user, token).decode("ascii")
+
+
+def tls_context_for(app: AppSettings) -> ssl.SSLContext:
+    """Certificate and host name verification on, TLS 1.2 or newer; the configured CA if any."""
+    ctx = ssl.create_default_context(cafile=str(app.smtp_ca_file) if app.smtp_ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+@dataclass
+class Outcome:
+    """What one delivery attempt achieved, recipient by recipient.
+
+    ``verdict`` is the verdict for the message as a whole (DELIVERED when every recipient is done or
+    permanently refused); ``delivered`` are recipients Exchange accepted the message for, ``failed``
+    permanently refused recipients, ``deferred`` recipients to try again.
+    """
+
+    verdict: Verdict
+    delivered: tuple[str, ...] = ()
+    failed: dict[str, Verdict] = field(default_factory=dict)
+    deferred: tuple[str, ...] = ()
+    upstream_id: str = ""
+    duration: float = 0.0
+
+
+@dataclass
+class _Session:
+    smtp: aiosmtplib.SMTP
+    token: Token
+    mailbox: str
+    last_used: float
+    messages: int = 0
+
+
+class SessionPool:
+    """Authenticated sessions per mailbox, at most ``limit(mailbox)`` open at once."""
+
+    def __init__(
+        self,
+        *,
+        local_hostname: str,
+        timeout: float,
+        idle_close: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._local_hostname = local_hostname
+        self._timeout = timeout
+        self._idle_close = idle_close
+        self._clock = clock
+        self._idle: dict[str, list[_Session]] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._open: dict[str, int] = {}
+        self.connections_made = 0
+        self.auth_count = 0
+
+    def slots(self, mailbox: str, limit: int) -> asyncio.Semaphore:
+        sem = self._slots.get(mailbox)
+        if sem is None:
+            sem = self._slots[mailbox] = asyncio.Semaphore(limit)
+        return sem
+
+    def open_sessions(self, mailbox: str) -> int:
+        return self._open.get(mailbox, 0)
+
+    def take_idle(self, mailbox: str) -> _Session | None:
+        """An idle session still worth using, closing the stale ones found on the way."""
+        idle = self._idle.get(mailbox, [])
+        now = self._clock()
+        while idle:
+            session = idle.pop()
+            fresh = now - session.last_used < self._idle_close
+            token_ok = time.time() < session.token.expires_at - _TOKEN_REUSE_MARGIN
+            if fresh and token_ok and session.smtp.is_connected:
+                return session
+            self.discard(session)
+        return None
+
+    async def connect(self, app: AppSettings, mailbox: str, token: Token) -> _Session:
+        """A new session: TCP, STARTTLS (required, verified), EHLO, AUTH XOAUTH2 as ``mailbox``."""
+        smtp = aiosmtplib.SMTP(
+            hostname=app.effective_smtp_host,
+            port=app.smtp_port,
+            local_hostname=self._local_hostname,
+            timeout=self._timeout,
+            start_tls=True,
+            tls_context=tls_context_for(app),
+        )
+        self.connections_made += 1
+        await smtp.connect()
+        self._open[mailbox] = self._open.get(mailbox, 0) + 1
+        session = _Session(smtp=smtp, token=token, mailbox=mailbox, last_used=self._clock())
+        try:
+            await self.authenticate(session, token)
+        except BaseException:
+            self.discard(session)
+            raise
+        return session
+
+    async def authenticate(self, session: _Session, token: Token) -> None:
+        smtp = session.smtp
+        await smtp.ehlo()
+        if "xoauth2" not in smtp.server_auth_methods:
+            raise aiosmtplib.SMTPAuthenticationError(
+                504, f"5.7.4 server offers no AUTH XOAUTH2 (offers: {', '.join(smtp.server_auth_methods) or 'none'})"
+            )
+        self.auth_count += 1
+        await smtp.auth_xoauth2(session.mailbox, token.value)
+        session.token = token
+
+    def release(self, session: _Session) -> None:
+        session.last_used = self._clock()
+        self._idle.setdefault(session.mailbox, []).append(session)
+
+    def discard(self, session: _Session) -> None:
+        if session.smtp.is_connected:
+            session.smtp.close()
+        self._open[session.mailbox] = max(self._open.get(session.mailbox, 1) - 1, 0)
+
+    async def close_idle(self, *, older_than: float | None = None) -> int:
+        """QUIT idle sessions (all, or those idle longer than ``older_than`` seconds)."""
+        closed = 0
+        now = self._clock()
+        for mailbox, idle in self._idle.items():
+            keep = []
+            for session in idle:
+                if older_than is not None and now - session.last_used < older_than:
+                    keep.append(session)
+                    continue
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    await asyncio.wait_for(session.smtp.quit(), 5)
+                self.discard(session)
+                closed += 1
+            self._idle[mailbox] = keep
+        return closed
+
+
+class Submitter:
+    """Submits one message (already routed) to Exchange and says what happened."""
+
+    def __init__(self, pool: SessionPool, apps: dict[str, AppSettings], tokens: dict[str, TokenProvider],
+                 connections: Callable[[str], int]) -> None:
+        self._pool = pool
+        self._apps = apps
+        self._tokens = tokens
+        self._connections = connections
+
+    async def submit(self, route: Route, envelope: Envelope, body: bytes,
+                     recipients: tuple[str, ...] | None = None) -> Outcome:
+        """One attempt for ``recipients`` (default: all of the envelope's)."""
+        started = time.monotonic()
+        rcpts = recipients if recipients is not None else envelope.rcpt_tos
+        async with self._pool.slots(route.mailbox, self._connections(route.mailbox)):
+            outcome = await self._attempt(route, envelope, body, rcpts)
+        outcome.duration = time.monotonic() - started
+        return outcome
+
+    async def _session(self, route: Route) -> _Session:
+        """A pooled session or a new one; one fresh token retry when Exchange rejects the token."""
+        session = self._pool.take_idle(route.mailbox)
+        if session is not None:
+            return session
+        app = self._apps[route.app]
+        provider = self._tokens[route.app]
+        token = await provider.get()
+        try:
+            return await self._pool.connect(app, route.mailbox, token)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            verdict = classify_reply(exc.code, exc.message, Stage.AUTH)
+            if verdict.action is Action.RETRY and not verdict.evict_token:
+                raise
+            # Exchange refused this token: it may predate a permission change (admin consent,
+            # FullAccess) or be about to expire. Evict it and try exactly once with a new one.
+            await provider.evict(token)
+            token = await provider.get()
+            return await self._pool.connect(app, route.mailbox, token)
+
+    async def _attempt(self, route: Route, envelope: Envelope, body: bytes, rcpts: tuple[str, ...]) -> Outcome:
+        stage = Stage.TOKEN
+        session: _Session | None = None
+        try:
+            for reuse_attempt in range(2):
+                stage = Stage.CONNECT
+                session = await self._session(route)
+                stage = Stage.MAIL
+                try:
+                    options = [o for o in envelope.mail_options if _supported(session.smtp, o)]
+                    await session.smtp.mail(route.sender, options=options)
+                    break
+                except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                    # A pooled session that died while idle: nothing of this message was sent yet.
+                    self._pool.discard(session)
+                    session = None
+                    if reuse_attempt == 1:
+                        raise exc from None
+            assert session is not None
+            accepted: list[str] = []
+            failed: dict[str, Verdict] = {}
+            deferred: list[str] = []
+            stage = Stage.RCPT
+            for rcpt in rcpts:
+                try:
+                    await session.smtp.rcpt(rcpt)
+                    accepted.append(rcpt)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    verdict = classify_reply(exc.code, exc.message, Stage.RCPT)
+                    if verdict.scope is not Scope.RECIPIENT:
+                        raise
+                    if verdict.action is Action.FAILED:
+                        failed[rcpt] = verdict
+                    else:
+                        deferred.append(rcpt)
+            if not accepted:
+                await session.smtp.rset()
+                self._pool.release(session)
+                session = None
+                first = next(iter(failed.values()), None)
+                if deferred or first is None:
+                    verdict = _retry_verdict("no recipient accepted this time")
+                    return Outcome(verdict=verdict, failed=failed, deferred=tuple(deferred))
+                return Outcome(verdict=first, failed=failed)
+            stage = Stage.DATA
+            response = await session.smtp.data(body)
+            session.messages += 1
+            self._pool.release(session)
+            session = None
+            verdict = classify_reply(response.code, response.message, Stage.DATA)
+            return Outcome(verdict=verdict, delivered=tuple(accepted), failed=failed, deferred=tuple(deferred),
+                           upstream_id=_upstream_id(response.message))
+        except aiosmtplib.SMTPResponseException as exc:
+            verdict = classify_reply(exc.code, exc.message, stage)
+            if session is not None:
+                if exc.code in (421,) or not session.smtp.is_connected:
+                    self._pool.discard(session)
+                else:
+                    await _reset_or_discard(self._pool, session)
+            if verdict.evict_token:
+                await self._tokens[route.app].evict()
+            return Outcome(verdict=verdict, deferred=rcpts if verdict.action is Action.RETRY else ())
+        except TokenError as exc:
+            verdict = classify_exception(exc, Stage.TOKEN)
+            return Outcome(verdict=verdict, deferred=rcpts if verdict.action is Action.RETRY else ())
+        except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            if session is not None:
+                self._pool.discard(session)
+            verdict = classify_exception(exc, stage)
+            return Outcome(verdict=verdict, deferred=rcpts if verdict.action is Action.RETRY else ())
+
+
+async def _reset_or_discard(pool: SessionPool, session: _Session) -> None:
+    try:
+        await session.smtp.rset()
+        pool.release(session)
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
+        pool.discard(session)
+
+
+def _supported(smtp: aiosmtplib.SMTP, option: str) -> bool:
+    name = option.split("=", 1)[0].lower()
+    if name == "body":
+        return smtp.supports_extension("8bitmime")
+    return smtp.supports_extension(name)
+
+
+def _upstream_id(message: str) -> str:
+    """Exchange's ``250 2.0.0 OK <id> [Hostname=...]``: the id for message trace."""
+    for part in message.split():
+        if part.startswith("<") and part.endswith(">"):
+            return part.strip("<>")
+    return ""
+
+
+def _retry_verdict(text: str) -> Verdict:
+    return classify_reply(451, f"4.0.0 {text}", Stage.RCPT)
