@@ -103,7 +103,7 @@ def parse_host_port(value: str, default_port: int) -> tuple[str, int]:
         host, port = value, str(default_port)
     else:
         host, port = value, str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (tests)
         raise ValueError(f"expected HOST:PORT such as 127.0.0.1:2525, got {value!r}")
     return host, int(port)
 
@@ -380,9 +380,16 @@ class DeliverySettings(_Model):
 
 
 class AuthFailureSettings(_Model):
+    """Failed AUTH per client address: ``max`` failures within ``window`` ban the address for ``ban``.
+
+    Each failure before that also delays the answer by ``delay`` x (failures so far), at most
+    ``max_delay``: a password guesser slows down, an app with a typo barely notices."""
+
     max: int = Field(default=10, ge=1)
     window: Duration = 600.0
     ban: Duration = 900.0
+    delay: Duration = 0.2
+    max_delay: Duration = 2.0
 
 
 class LimitSettings(_Model):
@@ -395,6 +402,11 @@ class LimitSettings(_Model):
     #: longest DATA line accepted. RFC 5321 says 998, but legacy apps write longer lines (HTML on one
     #: line) and Exchange Online accepts them, so the default is lenient; set 998 to be strict.
     line_length: int = Field(default=10000, ge=78)
+    #: longest SMTP command line (RFC 5321 asks for at least 512; AUTH with an initial response and
+    #: MAIL FROM with parameters need more).
+    command_line_length: int = Field(default=4096, ge=512, le=65536)
+    #: the header block of a message (all header lines together) may not exceed this.
+    max_header_size: Size = Field(default=256 * 1024, ge=1024)
     auth_failures: AuthFailureSettings = AuthFailureSettings()
 
 
@@ -458,6 +470,7 @@ class Settings(_Model):
             raise _KeyedError("tls", f"listener(s) {', '.join(needs_tls)} use TLS: set tls.cert_file and tls.key_file")
         if self.accept.auth is not AuthMode.NONE and not self.users and self.accept.auth is AuthMode.REQUIRED:
             raise _KeyedError("users", "accept.auth is 'required' but no users are configured")
+        _refuse_open_relay(self)
         return self
 
     def app(self, name: str) -> AppSettings:
@@ -480,6 +493,73 @@ class Settings(_Model):
         if mbx.per_minute is not None:
             return mbx.per_minute
         return self.delivery.per_mailbox.per_minute
+
+
+#: Address blocks that are never reachable from the Internet: allowlisting all of them is not an open
+#: relay. Anything else counts as public.
+_NON_PUBLIC_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+    ipaddress.ip_network(n) for n in (
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10",
+        "::1/128", "fc00::/7", "fe80::/10",
+    )
+)
+#: Widest allowlist entries that may contain public addresses (a large company's public range).
+OPEN_RELAY_MIN_PREFIX = {4: 16, 6: 48}
+
+
+def is_loopback_host(host: str) -> bool:
+    """Does a listen address only accept connections from this machine?"""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a DNS name other than localhost: assume it resolves beyond loopback
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def too_wide(network: str) -> bool:
+    """An allowlist entry that opens the relay to (a large part of) the Internet.
+
+    True when the entry contains public addresses and is wider than /16 (IPv4) or /48 (IPv6):
+    ``0.0.0.0/0``, ``::/0``, ``0.0.0.0/1``, ``2000::/3``. Private blocks of any size (``10.0.0.0/8``,
+    ``172.16.0.0/12``, ``fc00::/7``) and a public /24 are fine.
+    """
+    net = ipaddress.ip_network(network, strict=False)
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
+        mapped = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}", strict=False)
+        return too_wide(str(mapped))
+    if any(net.version == block.version and net.subnet_of(block)  # type: ignore[arg-type]
+           for block in _NON_PUBLIC_NETWORKS):
+        return False
+    return net.prefixlen < OPEN_RELAY_MIN_PREFIX[net.version]
+
+
+def _refuse_open_relay(settings: Settings) -> None:
+    """Invariant 4: never start as an open relay.
+
+    Refused: a listener reachable beyond loopback while mail without AUTH is accepted from a network
+    that is too wide (:func:`too_wide`). Each half alone is fine: a wide allowlist on a loopback-only
+    listener reaches nobody, and a public listener with ``accept.auth: required`` (or a narrow
+    allowlist) only takes mail from known users or hosts.
+    """
+    if settings.accept.auth is AuthMode.REQUIRED:
+        return
+    public = [lst.address for lst in settings.listen if not is_loopback_host(lst.host)]
+    if not public:
+        return
+    for i, rule in enumerate(settings.accept.networks):
+        if too_wide(rule.network):
+            raise _KeyedError(
+                f"accept.networks[{i}]",
+                f"{rule.network!r} lets anyone on the Internet send mail without a password through this relay "
+                f"(an open relay), and the relay listens beyond loopback on {', '.join(public)}. Fix: list only "
+                "the networks of your own apps (e.g. 10.1.2.0/24), or set accept.auth: required so every client "
+                "logs in, or listen on 127.0.0.1 only. Entries wider than /16 (IPv4) or /48 (IPv6) that contain "
+                "public addresses are refused.",
+            )
 
 
 class _KeyedError(ValueError):
@@ -631,6 +711,7 @@ def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = 
     if not isinstance(raw, dict):
         raise ConfigError(file, "", "expected a mapping of sections (listen, apps, mailboxes, ...)")
     base = Path(path).resolve().parent
+    load_warnings.clear()  # warnings are about the file just loaded
     inline_secrets: list[str] = []
     resolved = _resolve(raw, (), file, base, env, inline_secrets)
     _relative_paths(resolved, base)

@@ -42,8 +42,13 @@ _PAUSE_FIRST = 15.0
 _PAUSE_MAX = 600.0
 
 
+#: Pacing window. Exchange counts submissions when it accepts them, we when we start them; one extra
+#: second keeps a message that took a while to submit from landing inside Exchange's previous minute.
+PACING_WINDOW = 61.0
+
+
 class Pacer:
-    """At most ``per_minute`` events in any 60 s window (0 = unlimited). Uses an injectable clock."""
+    """At most ``per_minute`` events in any :data:`PACING_WINDOW` (0 = unlimited). Injectable clock."""
 
     def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
         self.per_minute = per_minute
@@ -55,11 +60,11 @@ class Pacer:
         if self.per_minute <= 0:
             return 0.0
         now = self._clock()
-        while self._sent and self._sent[0] <= now - 60.0:
+        while self._sent and self._sent[0] <= now - PACING_WINDOW:
             self._sent.popleft()
         if len(self._sent) < self.per_minute:
             return 0.0
-        return self._sent[0] + 60.0 - now
+        return self._sent[0] + PACING_WINDOW - now
 
     def take(self) -> bool:
         """Reserve a slot now if one is free."""
@@ -234,7 +239,8 @@ class Delivery:
             retry = self.settings.delivery.retry
             delay = backoff(entry.attempts + 1, retry.first, retry.max, retry.factor, self.rng)
         await asyncio.to_thread(self.spool.defer, entry.id, next_attempt_at=now + delay, reply=verdict.reply,
-                                delivered=delivered, failed=failed)
+                                delivered=delivered, failed=failed,
+                                reason=verdict.hint if verdict.action is Action.HOLD else verdict.reason)
         self.metrics.deferred(verdict.reason)
         level = logging.ERROR if verdict.action is Action.HOLD else logging.INFO
         log.log(level, "held: configuration problem" if verdict.action is Action.HOLD else "deferred",
@@ -251,11 +257,8 @@ class Delivery:
 
     async def _kill(self, entry: Entry, reason: str, reply: str, *, delivered: tuple[str, ...] = (),
                     failed: dict[str, str] | None = None) -> None:
-        if delivered or failed:
-            await asyncio.to_thread(self.spool.defer, entry.id, next_attempt_at=self.clock(), reply=reply,
-                                    delivered=delivered, failed=failed or {})
-            await asyncio.to_thread(self.spool.claim, entry.id)
-        dead = await asyncio.to_thread(self.spool.kill, entry.id, reason, reply)
+        dead = await asyncio.to_thread(self.spool.kill, entry.id, reason, reply, delivered=delivered,
+                                       failed=failed or {})
         self.metrics.dead(reason.split(":", 1)[0])
         log.error("moved to dead letters", extra={"event": "dead_letter", "queue_id": entry.id,
                                                   "message_id": entry.message_id, "reason": reason})

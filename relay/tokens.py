@@ -151,14 +151,12 @@ class TokenProvider:
         self.app = app
         self._clock = clock
         self._session = build_http_session(app, os.environ if environ is None else environ)
-        self._msal = msal.ConfidentialClientApplication(
-            app.client_id,
-            client_credential=build_credential(app, config_file),
-            authority=app.authority,
-            http_client=self._session,
-            instance_discovery=False,
-            timeout=app.timeout,
-        )
+        # Credential problems (unreadable key, bad PFX) are config errors: raise them at start.
+        self._credential = build_credential(app, config_file)
+        # MSAL fetches the tenant's OIDC metadata when the application is created: that must not stop
+        # the relay from starting (and spooling mail) while Entra ID is unreachable, so it is created
+        # on first use, in the worker thread, and again after a failure.
+        self._msal_app: msal.ConfidentialClientApplication | None = None
         self._token = Token()
         self._lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
@@ -207,11 +205,11 @@ class TokenProvider:
         async with self._lock:
             if rejected is None or rejected.value == self._token.value:
                 self._token = Token()
-                await asyncio.to_thread(self._msal.remove_tokens_for_client)
+                await asyncio.to_thread(self._forget_cached_token)
 
     async def _fetch(self, *, force: bool) -> Token:
         if force:
-            await asyncio.to_thread(self._msal.remove_tokens_for_client)
+            await asyncio.to_thread(self._forget_cached_token)
         self.requests += 1
         try:
             result = await asyncio.to_thread(self._acquire)
@@ -232,16 +230,37 @@ class TokenProvider:
         })
         return token
 
+    def _msal(self) -> msal.ConfidentialClientApplication:
+        """The one MSAL application of this app registration (worker thread only)."""
+        if self._msal_app is None:
+            self._msal_app = msal.ConfidentialClientApplication(
+                self.app.client_id,
+                client_credential=self._credential,
+                authority=self.app.authority,
+                http_client=self._session,
+                instance_discovery=False,
+                timeout=self.app.timeout,
+            )
+        return self._msal_app
+
+    def _forget_cached_token(self) -> None:
+        if self._msal_app is not None:
+            self._msal_app.remove_tokens_for_client()
+
     def _acquire(self) -> dict[str, Any]:
         """Runs in a worker thread: the only place that calls MSAL for a token."""
         try:
-            result = self._msal.acquire_token_for_client(scopes=[self.app.effective_scope])
+            result = self._msal().acquire_token_for_client(scopes=[self.app.effective_scope])
         except requests.RequestException as exc:
             raise TokenError(self.app.name, "unreachable",
                              f"cannot reach {self.app.effective_authority_host}: {type(exc).__name__}",
                              transient=True) from None
-        except ValueError as exc:  # MSAL raises ValueError for malformed discovery answers
-            raise TokenError(self.app.name, "invalid_response", str(exc)[:200], transient=True) from None
+        except ValueError:
+            # MSAL raises ValueError when the tenant's OIDC metadata cannot be had (HTTP 400 with
+            # AADSTS90002 for an unknown tenant): a wrong tenant ID or cloud, not a passing fault.
+            raise TokenError(self.app.name, "invalid_tenant",
+                             f"no OpenID configuration for tenant {self.app.tenant_id} at "
+                             f"{self.app.effective_authority_host}", aadsts=90002, transient=False) from None
         if not isinstance(result, dict):
             raise TokenError(self.app.name, "invalid_response", "MSAL returned no result", transient=True)
         if "access_token" in result:

@@ -216,6 +216,8 @@ class Submitter:
     async def _attempt(self, route: Route, envelope: Envelope, body: bytes, rcpts: tuple[str, ...]) -> Outcome:
         stage = Stage.TOKEN
         session: _Session | None = None
+        # Internationalised addresses go out as UTF-8 only under SMTPUTF8 (RFC 6531).
+        encoding = "utf-8" if any(o.upper() == "SMTPUTF8" for o in envelope.mail_options) else "ascii"
         try:
             for reuse_attempt in range(2):
                 stage = Stage.CONNECT
@@ -223,7 +225,7 @@ class Submitter:
                 stage = Stage.MAIL
                 try:
                     options = [o for o in envelope.mail_options if _supported(session.smtp, o)]
-                    await session.smtp.mail(route.sender, options=options)
+                    await session.smtp.mail(route.sender, options=options, encoding=encoding)
                     break
                 except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
                     # A pooled session that died while idle: nothing of this message was sent yet.
@@ -238,7 +240,7 @@ class Submitter:
             stage = Stage.RCPT
             for rcpt in rcpts:
                 try:
-                    await session.smtp.rcpt(rcpt)
+                    await session.smtp.rcpt(rcpt, encoding=encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
                     verdict = classify_reply(exc.code, exc.message, Stage.RCPT)
