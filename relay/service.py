@@ -25,8 +25,9 @@ import aiosmtplib
 from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
 from relay.config import Settings, load_settings, load_warnings, parse_host_port
 from relay.delivery import Delivery
+from relay.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
 from relay.envelope import Envelope, Route
-from relay.errors import SpoolFull, TokenError
+from relay.errors import SpoolError, SpoolFull, TokenError
 from relay.listener import (
     AuthLimiter,
     BodySink,
@@ -36,7 +37,7 @@ from relay.listener import (
 )
 from relay.observability import HealthServer, Metrics
 from relay.policy import Policy
-from relay.spool import BodyWriter, Spool, State
+from relay.spool import BodyWriter, Entry, Spool, State
 from relay.tokens import Token, TokenProviders
 from relay.upstream import SessionPool, Submitter
 
@@ -87,6 +88,7 @@ class Relay:
                                    {p.app.name: p for p in self.tokens}, self._connections_for)
         self.delivery = Delivery(settings, self.spool, self.submitter, self.metrics, clock=clock,
                                  probe=self.probe)
+        self.delivery.on_dead = self.notify_dead
         self.listener_state = ListenerState(
             settings=settings,
             policy=Policy(settings),
@@ -141,6 +143,40 @@ class Relay:
                                     "recipients": len(envelope.rcpt_tos), "size": entry.size,
                                     **({"note": "; ".join(route.notes)} if route.notes else {})})
         return await self.delivery.deliver_now(entry, self.settings.delivery.sync_wait)
+
+    # ------------------------------------------------------------------ DSNs
+
+    async def notify_dead(self, entry: Entry, reason: str) -> None:
+        """RFC 3464 DSN for a dead letter, to the sender and/or the admin, as configured."""
+        dsn = self.settings.delivery.dsn
+        if not (dsn.to_sender or dsn.admin):
+            return
+        try:
+            headers = await asyncio.to_thread(read_headers, self.spool.body_path(entry.id))
+        except OSError:
+            headers = b""
+        targets: list[str] = []
+        if dsn.to_sender and dsn_allowed(entry.envelope, headers):
+            targets.append(entry.envelope.mail_from)
+        if dsn.admin and not is_automatic(headers) and dsn.admin not in targets:
+            targets.append(dsn.admin)
+        if not targets:
+            return
+        failed = dict(entry.recipients_failed) or {r: entry.last_reply or reason for r in entry.pending_recipients}
+        route = dsn_route(entry.route)
+        body = build_dsn(reporting_host=self.settings.hostname or socket.getfqdn(), mailbox=route.mailbox,
+                         original=entry.envelope, original_headers=headers, failed=failed, queue_id=entry.id,
+                         arrival=entry.created_at, recipients=tuple(targets), reason=reason)
+        try:
+            envelope = Envelope(mail_from=route.sender, rcpt_tos=tuple(targets))
+            notice = await asyncio.to_thread(self.spool.store, envelope, route, body, message_id="",
+                                             client=f"dsn for {entry.id}")
+        except SpoolError as exc:
+            log.error("could not queue a DSN", extra={"event": "dsn_failed", "queue_id": entry.id, "error": str(exc)})
+            return
+        log.info("DSN queued", extra={"event": "dsn_queued", "queue_id": notice.id, "about": entry.id,
+                                      "recipients": len(targets)})
+        self.delivery.wake()
 
     # ------------------------------------------------------------------ hold probes
 
