@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiosmtplib
 
@@ -84,6 +86,7 @@ class SessionPool:
     ) -> None:
         self._local_hostname = local_hostname
         self._timeout = timeout
+        self.timeout = timeout
         self._idle_close = idle_close
         self._clock = clock
         self._idle: dict[str, list[_Session]] = {}
@@ -183,9 +186,12 @@ class Submitter:
         self._tokens = tokens
         self._connections = connections
 
-    async def submit(self, route: Route, envelope: Envelope, body: bytes,
+    async def submit(self, route: Route, envelope: Envelope, body: bytes | Path,
                      recipients: tuple[str, ...] | None = None) -> Outcome:
-        """One attempt for ``recipients`` (default: all of the envelope's)."""
+        """One attempt for ``recipients`` (default: all of the envelope's).
+
+        ``body`` is the message, or the path of its spool file: then it is streamed from disk in
+        chunks, so memory does not grow with message size times concurrency."""
         started = time.monotonic()
         rcpts = recipients if recipients is not None else envelope.rcpt_tos
         async with self._pool.slots(route.mailbox, self._connections(route.mailbox)):
@@ -213,7 +219,8 @@ class Submitter:
             token = await provider.get()
             return await self._pool.connect(app, route.mailbox, token)
 
-    async def _attempt(self, route: Route, envelope: Envelope, body: bytes, rcpts: tuple[str, ...]) -> Outcome:
+    async def _attempt(self, route: Route, envelope: Envelope, body: bytes | Path,
+                       rcpts: tuple[str, ...]) -> Outcome:
         stage = Stage.TOKEN
         session: _Session | None = None
         # Internationalised addresses go out as UTF-8 only under SMTPUTF8 (RFC 6531).
@@ -260,7 +267,10 @@ class Submitter:
                     return Outcome(verdict=verdict, failed=failed, deferred=tuple(deferred))
                 return Outcome(verdict=first, failed=failed)
             stage = Stage.DATA
-            response = await session.smtp.data(body)
+            if isinstance(body, Path):
+                response = await stream_data(session.smtp, body, self._pool.timeout)
+            else:
+                response = await session.smtp.data(body)
             session.messages += 1
             self._pool.release(session)
             session = None
@@ -293,6 +303,64 @@ async def _reset_or_discard(pool: SessionPool, session: _Session) -> None:
         pool.release(session)
     except (TimeoutError, aiosmtplib.SMTPException, OSError):
         pool.discard(session)
+
+
+_STREAM_CHUNK = 256 * 1024
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def _wire_block(block: bytes, at_line_start: bool) -> bytes:
+    """CRLF line endings and dot-stuffing (RFC 5321 4.5.2) for a block of the message."""
+    block = _LINE_ENDINGS.sub(b"\r\n", block)
+    if at_line_start:
+        return _LEADING_DOT.sub(b"..", block)
+    # The block continues a line: its first byte is not at a line start, so it is never stuffed.
+    return _LEADING_DOT.sub(b"..", b"x" + block)[1:]
+
+
+async def stream_data(smtp: aiosmtplib.SMTP, path: Path, command_timeout: float) -> aiosmtplib.SMTPResponse:
+    """DATA from a spool file in chunks: the same bytes aiosmtplib's ``data()`` would send (CRLF
+    normalised, dot-stuffed), without ever holding the whole message in memory.
+
+    Blocks are cut after a LF (never after a CR, which may pair with the next LF), so each block's
+    line endings and leading dots are handled exactly as for the whole message.
+    """
+    response = await smtp.execute_command(b"DATA", timeout=command_timeout)
+    if response.code != 354:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    drain = getattr(protocol, "_drain_helper", None)  # flow control: wait while the socket buffer is full
+    at_line_start = True
+    last = b"\n"
+    carry = b""
+    with path.open("rb") as f:
+        while True:
+            chunk = await asyncio.to_thread(f.read, _STREAM_CHUNK)
+            data = carry + chunk
+            if not chunk:
+                block, carry = data, b""
+            else:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # a very long line: cut anywhere but after a CR
+                    cut = len(data) - 1 if data.endswith(b"\r") else len(data)
+                block, carry = data[:cut], data[cut:]
+            if block:
+                out = _wire_block(block, at_line_start)
+                protocol.write(out)
+                at_line_start = block.endswith(b"\n")
+                last = out[-2:] if len(out) >= 2 else last + out
+                if drain is not None:
+                    await drain()
+            if not chunk:
+                break
+    protocol.write(b".\r\n" if last.endswith(b"\r\n") else b"\r\n.\r\n")
+    response = await protocol.read_response(timeout=command_timeout)
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
 
 
 def _supported(smtp: aiosmtplib.SMTP, option: str) -> bool:
