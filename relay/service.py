@@ -39,7 +39,7 @@ from relay.observability import HealthServer, Metrics
 from relay.policy import Policy
 from relay.spool import BodyWriter, Entry, Spool, State
 from relay.tokens import Token, TokenProviders
-from relay.upstream import SessionPool, Submitter
+from relay.upstream import SessionPool, Submitter, tls_context_for
 
 log = logging.getLogger("relay.service")
 
@@ -100,6 +100,7 @@ class Relay:
         self.health: HealthServer | None = None
         self._scheduler: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.ports: list[int] = []
 
@@ -229,6 +230,9 @@ class Relay:
         for warning in load_warnings:
             log.warning(warning, extra={"event": "config_warning"})
         report = await asyncio.to_thread(self.spool.open)
+        # Build the upstream TLS contexts now (loading a CA bundle is slow), not on the first delivery.
+        for app in self.settings.apps:
+            await asyncio.to_thread(tls_context_for, app)
         log.info("spool opened", extra={"event": "spool_opened", "path": str(self.settings.spool.path),
                                         "recovery": str(report)})
         self._scheduler = asyncio.get_running_loop().create_task(self.delivery.run(), name="scheduler")
@@ -251,6 +255,21 @@ class Relay:
                                                "address": f"{host}:{self.health.port}"})
         sd_notify("READY=1\nSTATUS=accepting mail")
         self._watchdog = asyncio.get_running_loop().create_task(self._watchdog_loop(), name="watchdog")
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeeping_loop(), name="housekeeping")
+
+    async def _housekeeping_loop(self) -> None:
+        """Close Exchange sessions idle longer than delivery.idle_close (QUIT, politely)."""
+        idle = self.settings.delivery.idle_close
+        while True:
+            await asyncio.sleep(max(min(idle / 2, 30.0), 0.5))
+            try:
+                closed = await self.pool.close_idle(older_than=self.settings.delivery.idle_close)
+            except Exception as exc:  # housekeeping must never take the relay down
+                log.warning("closing idle sessions failed: %s", type(exc).__name__,
+                            extra={"event": "housekeeping_error"})
+                continue
+            if closed:
+                log.debug("closed idle Exchange sessions", extra={"event": "sessions_closed", "count": closed})
 
     async def _watchdog_loop(self) -> None:
         usec = os.environ.get("WATCHDOG_USEC")
@@ -296,8 +315,9 @@ class Relay:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._housekeeping):
+            if task is not None:
+                task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.pool.close_idle(), timeout=5)
         if self.health is not None:

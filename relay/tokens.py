@@ -25,6 +25,7 @@ from typing import Any
 
 import jwt
 import msal
+import msal.exceptions
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -254,6 +255,10 @@ class TokenProvider:
         except requests.RequestException as exc:
             raise TokenError(self.app.name, "unreachable",
                              f"cannot reach {self.app.effective_authority_host}: {type(exc).__name__}",
+                             transient=True) from None
+        except msal.exceptions.MsalServiceError as exc:
+            # MSAL raises this for HTTP errors it cannot parse as OAuth errors (5xx, 429 pages).
+            raise TokenError(self.app.name, "server_error", f"Entra ID answered {str(exc)[:80]}",
                              transient=True) from None
         except ValueError:
             # MSAL raises ValueError when the tenant's OIDC metadata cannot be had (HTTP 400 with
