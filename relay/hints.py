@@ -264,7 +264,8 @@ def hint_for_reply(code: int | None, enhanced: str, text: str) -> str:
 TLS_VERIFY_HINT = (
     "The upstream server's certificate failed verification: check the SMTP host name (e.g."
     " smtp.office365.com for the global cloud), the system CA certificates, and any TLS-intercepting proxy"
-    " or firewall between the relay and Exchange Online."
+    " or firewall between the relay and Exchange Online; if a middlebox re-signs the certificate, set the"
+    " app's smtp_ca_file to its CA."
 )
 
 NOT_SUPPORTED_HINT = (

@@ -252,6 +252,15 @@ class TokenProvider:
         """Runs in a worker thread: the only place that calls MSAL for a token."""
         try:
             result = self._msal().acquire_token_for_client(scopes=[self.app.effective_scope])
+        except requests.exceptions.SSLError:
+            # Certificate verification failed: a TLS-inspecting proxy or a wrong CA bundle. Waiting
+            # will not fix it; an admin must (token_ca_file).
+            raise TokenError(self.app.name, "tls_verification_failed",
+                             f"the certificate of {self.app.effective_authority_host} is not trusted; if a "
+                             "TLS-inspecting proxy re-signs it, set token_ca_file to its CA", transient=False) from None
+        except requests.exceptions.ProxyError:
+            raise TokenError(self.app.name, "proxy_unreachable",
+                             "the HTTPS proxy for Entra ID cannot be reached", transient=True) from None
         except requests.RequestException as exc:
             raise TokenError(self.app.name, "unreachable",
                              f"cannot reach {self.app.effective_authority_host}: {type(exc).__name__}",
