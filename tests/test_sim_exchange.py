@@ -94,11 +94,18 @@ async def session(m365: SimulatedM365, user: str = STANDARD_MAILBOX, token: str 
     return client
 
 
+def hang_up(smtp: aiosmtplib.SMTP) -> None:
+    """Abort rather than close: a TLS close needs loop turns the test's loop may not get before it ends."""
+    if smtp.transport is not None:
+        smtp.transport.abort()
+    smtp.close()
+
+
 @pytest.fixture
 async def client(m365: SimulatedM365) -> AsyncIterator[aiosmtplib.SMTP]:
     smtp = await session(m365)
     yield smtp
-    smtp.close()
+    hang_up(smtp)
 
 
 async def auth_reply(m365: SimulatedM365, raw: str) -> aiosmtplib.SMTPResponse:
@@ -106,7 +113,7 @@ async def auth_reply(m365: SimulatedM365, raw: str) -> aiosmtplib.SMTPResponse:
     try:
         return await smtp.execute_command(b"AUTH", b"XOAUTH2", raw.encode())
     finally:
-        smtp.close()
+        hang_up(smtp)
 
 
 # -- greeting, EHLO, STARTTLS -----------------------------------------------------------------------
@@ -122,7 +129,7 @@ async def test_banner_and_ehlo_before_and_after_starttls(m365: SimulatedM365) ->
     await smtp.ehlo()
     assert "starttls" not in smtp.esmtp_extensions
     assert smtp.esmtp_extensions["auth"] == "LOGIN XOAUTH2"
-    smtp.close()
+    hang_up(smtp)
 
 
 def test_banner_and_ehlo_greeting(m365: SimulatedM365) -> None:
@@ -141,14 +148,14 @@ async def test_auth_and_mail_before_starttls_are_refused(m365: SimulatedM365) ->
     assert (reply.code, reply.message) == (504, "5.7.4 Unrecognized authentication type")
     reply = await smtp.execute_command(b"MAIL", b"FROM:<relay@contoso.com>")
     assert (reply.code, reply.message) == (530, "5.7.0 Must issue a STARTTLS command first")
-    smtp.close()
+    hang_up(smtp)
 
 
 async def test_mail_after_tls_without_auth(m365: SimulatedM365) -> None:
     smtp = await connect(m365)
     reply = await smtp.execute_command(b"MAIL", b"FROM:<relay@contoso.com>")
     assert reply.code == 530 and reply.message.startswith("5.7.57 Client not authenticated to send mail")
-    smtp.close()
+    hang_up(smtp)
 
 
 # -- accepted messages -----------------------------------------------------------------------------
@@ -230,7 +237,7 @@ async def test_two_step_xoauth2(m365: SimulatedM365) -> None:
     raw = xoauth2_initial_response(STANDARD_MAILBOX, m365.issue_token())
     reply = await smtp.execute_command(raw.encode())
     assert (reply.code, reply.message) == (235, "2.7.0 Authentication successful")
-    smtp.close()
+    hang_up(smtp)
 
 
 def _bad_token(m365: SimulatedM365, case: str) -> str:
@@ -333,7 +340,7 @@ async def test_basic_auth_and_plain_refused(m365: SimulatedM365) -> None:
     assert refused.value.message.startswith("5.7.139 Authentication unsuccessful, basic authentication is disabled.")
     reply = await smtp.execute_command(b"AUTH", b"PLAIN", base64.b64encode(b"\0u\0p"))
     assert (reply.code, reply.message) == (504, "5.7.4 Unrecognized authentication type")
-    smtp.close()
+    hang_up(smtp)
     assert m365.exchange.auth_attempts[-1].reason == "basic_auth"
     assert "password" not in repr(m365.exchange.auth_attempts)
 
@@ -391,9 +398,7 @@ async def test_size_limits(m365: SimulatedM365, client: aiosmtplib.SMTP) -> None
     with pytest.raises(aiosmtplib.SMTPDataError) as refused:
         await client.data(message(body=b"x" * 990 + b"\r\n"))
     assert refused.value.code == 554
-    assert refused.value.message.startswith(
-        "5.2.0 STOREDRV.Submission.Exception:MessageSubmissionExceededException; "
-    )
+    assert refused.value.message.startswith("5.2.0 STOREDRV.Submission.Exception:MessageSubmissionExceededException; ")
 
 
 async def test_daily_recipient_quota(m365: SimulatedM365, clock: FakeClock, client: aiosmtplib.SMTP) -> None:
@@ -421,7 +426,7 @@ async def test_message_rate_limit_closes(m365: SimulatedM365, clock: FakeClock, 
     clock.now += 61
     again = await session(m365)
     await again.sendmail(STANDARD_MAILBOX, ["a@example.com"], message())
-    again.close()
+    hang_up(again)
 
 
 async def test_sender_thread_limit_432(m365: SimulatedM365) -> None:
@@ -432,11 +437,11 @@ async def test_sender_thread_limit_432(m365: SimulatedM365) -> None:
     assert reply.code == 432
     assert reply.message.startswith("4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded")
     assert m365.exchange.stats().max_concurrent_sessions[STANDARD_MAILBOX] == 4
-    sessions[0].close()
-    assert m365.exchange.wait_until(lambda: m365.exchange.concurrent_sessions(STANDARD_MAILBOX) == 3)
+    hang_up(sessions[0])
+    assert await m365.exchange.await_until(lambda: m365.exchange.concurrent_sessions(STANDARD_MAILBOX) == 3)
     await sessions[3].mail(STANDARD_MAILBOX)
     for smtp in sessions[1:]:
-        smtp.close()
+        hang_up(smtp)
 
 
 # -- fault switches -----------------------------------------------------------------------------------
@@ -471,6 +476,7 @@ async def test_fault_replies_by_stage(m365: SimulatedM365, stage: str, reply: st
         with pytest.raises(aiosmtplib.SMTPResponseException) as failed:
             await smtp.ehlo()
         assert (failed.value.code, failed.value.message) == (code, text)
+        hang_up(smtp)
         return
     await smtp.ehlo()
     token = m365.issue_token()
@@ -486,7 +492,17 @@ async def test_fault_replies_by_stage(m365: SimulatedM365, stage: str, reply: st
         await smtp.rset()
     await smtp.sendmail(STANDARD_MAILBOX, ["a@example.com"], message())
     assert len(m365.exchange.accepted) == 1
-    smtp.close()
+    hang_up(smtp)
+
+
+async def test_fault_starttls(m365: SimulatedM365) -> None:
+    m365.exchange.inject("starttls", "454 4.7.0 Temporary authentication failure")
+    smtp = await connect(m365, starttls=False)
+    with pytest.raises(aiosmtplib.SMTPResponseException) as failed:
+        await smtp.starttls()
+    assert failed.value.code == 454
+    await smtp.starttls()
+    hang_up(smtp)
 
 
 async def test_fault_times_and_clear(m365: SimulatedM365, client: aiosmtplib.SMTP) -> None:
@@ -506,7 +522,7 @@ async def test_drop_mid_data(m365: SimulatedM365, client: aiosmtplib.SMTP) -> No
     assert m365.exchange.accepted == []
     again = await session(m365)
     await again.sendmail(STANDARD_MAILBOX, ["a@example.com"], message())
-    again.close()
+    hang_up(again)
 
 
 async def test_slow_server_delay(m365: SimulatedM365, client: aiosmtplib.SMTP) -> None:

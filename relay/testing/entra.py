@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -140,9 +141,7 @@ class _InjectedFailure:
 class EntraError(Exception):
     """An Entra ID error answer: HTTP status, OAuth ``error`` and AADSTS code + text."""
 
-    def __init__(
-        self, status: int, error: str, aadsts: int | None, text: str, retry_after: int | None = None
-    ) -> None:
+    def __init__(self, status: int, error: str, aadsts: int | None, text: str, retry_after: int | None = None) -> None:
         super().__init__(f"{status} {error} AADSTS{aadsts}: {text}")
         self.status = status
         self.error = error
@@ -177,7 +176,10 @@ class EntraSimulator:
         clock: Callable[[], float] = time.time,
         token_lifetime: int | None = None,
         seed: int = 0,
+        signing_key: rsa.RSAPrivateKey | None = None,
     ) -> None:
+        """``signing_key`` defaults to one key shared by all simulators of the process (see
+        :func:`_shared_signing_key`)."""
         self._certs = certs
         self._clock = clock
         self._token_lifetime = token_lifetime
@@ -188,7 +190,7 @@ class EntraSimulator:
         self._delay = 0.0
         self._log: list[RequestRecord] = []
         self._token_counts: Counter[tuple[str, str]] = Counter()
-        self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._signing_key = signing_key or _shared_signing_key()
         self._kid = _b64url(hashlib.sha1(self.public_key_pem).digest())
         self._server: _TLSHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -299,9 +301,7 @@ class EntraSimulator:
         with self._lock:
             return self._tenant(tenant_id).apps[client_id]
 
-    def add_secret(
-        self, tenant_id: str, client_id: str, secret: str, expires_at: float | None = None
-    ) -> None:
+    def add_secret(self, tenant_id: str, client_id: str, secret: str, expires_at: float | None = None) -> None:
         with self._lock:
             self.app(tenant_id, client_id).secrets[secret] = expires_at
 
@@ -375,9 +375,7 @@ class EntraSimulator:
     def public_key_pem(self) -> bytes:
         from cryptography.hazmat.primitives import serialization
 
-        return self.public_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return self.public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def issue_access_token(
         self,
@@ -398,9 +396,8 @@ class EntraSimulator:
             app = tenant.apps[client_id]
             expires_in = lifetime if lifetime is not None else self._next_lifetime()
             issued = self._clock() if now is None else now
-            return self._sign(tenant, app, _normalise_resource(resource), issued, expires_in, credential), (
-                expires_in
-            )
+            token = self._sign(tenant, app, _normalise_resource(resource), issued, expires_in, credential)
+            return token, expires_in
 
     def sign_claims(self, claims: Mapping[str, Any]) -> str:
         """Sign arbitrary claims with the token key: for tests of a verifier's checks."""
@@ -408,9 +405,7 @@ class EntraSimulator:
 
     # -- request handling (called from the HTTP handler threads) -----------------------------
 
-    def handle(
-        self, method: str, raw_path: str, form: Mapping[str, str], headers: Mapping[str, str]
-    ) -> _Response:
+    def handle(self, method: str, raw_path: str, form: Mapping[str, str], headers: Mapping[str, str]) -> _Response:
         """Route one request; never raises for a client mistake (answers like Entra ID instead)."""
         with self._lock:
             delay = self._delay
@@ -426,9 +421,7 @@ class EntraSimulator:
             self._record(RequestRecord(self._clock(), method, url.path, response.status))
             return response
         self._record(RequestRecord(self._clock(), method, url.path, 404))
-        return _Response(
-            404, {"error": "not_found", "error_description": f"no route for {method} {url.path}"}
-        )
+        return _Response(404, {"error": "not_found", "error_description": f"no route for {method} {url.path}"})
 
     def _get(self, parts: list[str], query: Mapping[str, list[str]], correlation: str) -> _Response:
         if parts == ["common", "discovery", "instance"]:
@@ -457,9 +450,7 @@ class EntraSimulator:
         return _Response(
             200,
             {
-                "tenant_discovery_endpoint": (
-                    f"{self.authority_host}/{tenant}/v2.0/.well-known/openid-configuration"
-                ),
+                "tenant_discovery_endpoint": (f"{self.authority_host}/{tenant}/v2.0/.well-known/openid-configuration"),
                 "api-version": "1.1",
                 "metadata": [{"preferred_network": mine, "preferred_cache": mine, "aliases": [mine]}],
             },
@@ -501,9 +492,7 @@ class EntraSimulator:
 
     def _token(self, tenant_ref: str, path: str, form: Mapping[str, str], correlation: str) -> _Response:
         client_id = form.get("client_id")
-        credential = (
-            "assertion" if form.get("client_assertion") else ("secret" if "client_secret" in form else None)
-        )
+        credential = "assertion" if form.get("client_assertion") else ("secret" if "client_secret" in form else None)
         try:
             body = self._token_body(tenant_ref, form)
             response = _Response(200, body)
@@ -554,9 +543,7 @@ class EntraSimulator:
                 )
             app = tenant.apps.get(client_id)
             if app is None:
-                raise EntraError(
-                    400, "unauthorized_client", 700016, _app_not_found(client_id, tenant.tenant_id)
-                )
+                raise EntraError(400, "unauthorized_client", 700016, _app_not_found(client_id, tenant.tenant_id))
             self._authenticate_client(tenant, app, form)
             resource = self._resource_for_scope(tenant, form.get("scope", ""))
             expires_in = self._next_lifetime()
@@ -595,8 +582,7 @@ class EntraSimulator:
                 401,
                 "invalid_client",
                 7000218,
-                "The request body must contain the following parameter: "
-                "'client_assertion' or 'client_secret'.",
+                "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
             )
 
     def _check_secret(self, app: AppRegistration, secret: str) -> None:
@@ -653,9 +639,7 @@ class EntraSimulator:
             ) from exc
         self._check_assertion_claims(tenant, app, claims)
 
-    def _check_assertion_claims(
-        self, tenant: Tenant, app: AppRegistration, claims: Mapping[str, Any]
-    ) -> None:
+    def _check_assertion_claims(self, tenant: Tenant, app: AppRegistration, claims: Mapping[str, Any]) -> None:
         # The codes below (other than 700027) are plausible but *unverified* against Entra ID.
         if claims.get("iss") != app.client_id or claims.get("sub") != app.client_id:
             raise EntraError(
@@ -664,17 +648,14 @@ class EntraSimulator:
                 700023,
                 "Client assertion iss and sub claims must be the client id.",
             )
-        audiences = {
-            f"{self.authority_host}/{ref}/oauth2/v2.0/token" for ref in (tenant.tenant_id, *tenant.domains)
-        }
+        audiences = {f"{self.authority_host}/{ref}/oauth2/v2.0/token" for ref in (tenant.tenant_id, *tenant.domains)}
         aud = claims.get("aud")
         if not (aud in audiences or (isinstance(aud, list) and audiences.intersection(aud))):
             raise EntraError(
                 401,
                 "invalid_client",
                 700212,
-                "The audience claim of the client assertion is not valid. "
-                f"Expected one of {sorted(audiences)}.",
+                f"The audience claim of the client assertion is not valid. Expected one of {sorted(audiences)}.",
             )
         now = self._clock()
         exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
@@ -683,9 +664,7 @@ class EntraSimulator:
             or exp + ASSERTION_CLOCK_SKEW < now
             or (isinstance(nbf, int | float) and nbf - ASSERTION_CLOCK_SKEW > now)
         ):
-            raise EntraError(
-                401, "invalid_client", 700024, "Client assertion is not within its valid time range."
-            )
+            raise EntraError(401, "invalid_client", 700024, "Client assertion is not within its valid time range.")
 
     def _resource_for_scope(self, tenant: Tenant, scope: str) -> str:
         scopes = [s for s in scope.split() if s not in ("offline_access", "openid", "profile")]
@@ -792,8 +771,7 @@ class EntraSimulator:
         body: dict[str, Any] = {
             "error": err.error,
             "error_description": (
-                f"{prefix}{err.text}\r\nTrace ID: {trace}\r\n"
-                f"Correlation ID: {correlation}\r\nTimestamp: {stamp}"
+                f"{prefix}{err.text}\r\nTrace ID: {trace}\r\nCorrelation ID: {correlation}\r\nTimestamp: {stamp}"
             ),
             "error_codes": [err.aadsts] if err.aadsts is not None else [],
             "timestamp": stamp,
@@ -882,6 +860,13 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------------------------
 # Small pure helpers
 # ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _shared_signing_key() -> rsa.RSAPrivateKey:
+    """One token-signing key per process: RSA-2048 generation takes 50-500 ms and a test run starts
+    dozens of simulators. Sharing it is harmless: each simulator still checks tenant, app and rights."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def _b64url(data: bytes) -> str:

@@ -90,9 +90,7 @@ SEND_AS_DENIED_DATA = (
     "554 5.2.252 SendAsDenied; {mailbox} not allowed to send as {sender}; "
     "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; " + _STOREDRV_TAIL
 )
-MESSAGE_TOO_BIG = (
-    "554 5.2.0 STOREDRV.Submission.Exception:MessageSubmissionExceededException; " + _STOREDRV_TAIL
-)
+MESSAGE_TOO_BIG = "554 5.2.0 STOREDRV.Submission.Exception:MessageSubmissionExceededException; " + _STOREDRV_TAIL
 QUOTA_EXCEEDED = "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; " + _STOREDRV_TAIL
 
 _MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"}
@@ -267,9 +265,7 @@ class ExchangeSimulator:
         self._loop = loop
         self._thread = threading.Thread(target=self._run_loop, args=(loop,), name="exchange-sim", daemon=True)
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(
-            loop.create_server(self._new_protocol, "127.0.0.1", self._port), loop
-        )
+        future = asyncio.run_coroutine_threadsafe(loop.create_server(self._new_protocol, "127.0.0.1", self._port), loop)
         self._server = future.result(timeout=10)
         self._port = self._server.sockets[0].getsockname()[1]
 
@@ -295,9 +291,12 @@ class ExchangeSimulator:
         if self._server is not None:
             self._server.close()
         for protocol in list(self._protocols):
-            if protocol.transport is not None:
-                protocol.transport.close()
-        await asyncio.sleep(0)
+            protocol.abort()
+        for _ in range(100):  # connection_lost() runs on later loop iterations
+            with self._lock:
+                if not self._protocols:
+                    break
+            await asyncio.sleep(0.01)
 
     @property
     def port(self) -> int:
@@ -477,6 +476,10 @@ class ExchangeSimulator:
         with self._changed:
             return self._changed.wait_for(predicate, timeout)
 
+    async def await_until(self, predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
+        """:meth:`wait_until` for asyncio callers: waits in a worker thread so their loop keeps running."""
+        return await asyncio.to_thread(self.wait_until, predicate, seconds)
+
     def wait_for_messages(self, count: int, timeout: float = 5.0) -> list[AcceptedMessage]:
         if not self.wait_until(lambda: len(self._accepted) >= count, timeout):
             raise TimeoutError(f"{len(self._accepted)} of {count} messages accepted after {timeout}s")
@@ -486,15 +489,11 @@ class ExchangeSimulator:
         """The bracketed tail Exchange appends to errors: ``[server timestamp id]``."""
         with self._lock:
             ident = f"{self._random.getrandbits(64):016X}"
-        stamp = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).strftime(
-            "%Y-%m-%dT%H:%M:%S.000Z"
-        )
+        stamp = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         return f"[{self.hostname} {stamp} {ident}]"
 
     def banner_date(self) -> str:
-        return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).strftime(
-            "%a, %d %b %Y %H:%M:%S +0000"
-        )
+        return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
 
     # -- session bookkeeping (called from the loop thread) -----------------------------------
 
@@ -553,9 +552,7 @@ class ExchangeSimulator:
             reply = f"{reply} {self.tail()}"
         with self._changed:
             self._auth_attempts.append(
-                AuthAttempt(
-                    mechanism, raw, user, str(client_id) if client_id else None, success, reply, reason
-                )
+                AuthAttempt(mechanism, raw, user, str(client_id) if client_id else None, success, reply, reason)
             )
             if success:
                 self._auth_ok += 1
@@ -599,11 +596,7 @@ class ExchangeSimulator:
         if tenant.service_principals.get(str(claims.get("appid"))) != claims.get("oid"):
             return AUTH_FAILED, "service_principal"
         mailbox = self._mailboxes.get(user.lower())
-        if (
-            mailbox is None
-            or mailbox.tenant_id != tenant.tenant_id
-            or claims["appid"] not in mailbox.full_access
-        ):
+        if mailbox is None or mailbox.tenant_id != tenant.tenant_id or claims["appid"] not in mailbox.full_access:
             return AUTH_FAILED, "no_full_access"
         if mailbox.smtp_auth_enabled is False:
             return AUTH_DISABLED.format(scope="Mailbox"), "smtp_auth_disabled"
@@ -618,13 +611,9 @@ class ExchangeSimulator:
             return True
         with self._lock:
             target = self._mailboxes.get(address)
-            return (
-                target is not None and target.tenant_id == auth.tenant_id and auth.client_id in target.send_as
-            )
+            return target is not None and target.tenant_id == auth.tenant_id and auth.client_id in target.send_as
 
-    def check_mail(
-        self, protocol: _ExchangeSMTP, auth: _AuthContext, sender: str, size: int | None
-    ) -> str | None:
+    def check_mail(self, protocol: _ExchangeSMTP, auth: _AuthContext, sender: str, size: int | None) -> str | None:
         """MAIL FROM checks: size, SendAs, sender threads, rate. Returns a refusal or None."""
         with self._lock:
             mailbox = self._mailboxes[auth.mailbox]
@@ -901,9 +890,7 @@ class _ExchangeSMTP(SMTP):
             return
         address, options, params = parsed
         size = params.get("SIZE")
-        refusal = self.sim.check_mail(
-            self, self.auth, address, int(size) if size and size.isdigit() else None
-        )
+        refusal = self.sim.check_mail(self, self.auth, address, int(size) if size and size.isdigit() else None)
         if refusal is not None:
             await self.push(refusal)
             return
@@ -947,13 +934,19 @@ class _ExchangeSMTP(SMTP):
             return
         await super().smtp_DATA(arg)
 
+    def abort(self) -> None:
+        """Cut the TCP connection at once (under TLS too), without a reply."""
+        transport = self._original_transport or self.transport
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
+
     async def _drop_mid_data(self) -> None:
         """Say 354, take the first line of the message, then cut the TCP connection without a reply."""
         await self.push("354 Start mail input; end with <CRLF>.<CRLF>")
         await self._reader.readline()
-        transport = self._original_transport or self.transport
-        if isinstance(transport, asyncio.Transport):
-            transport.abort()
+        self.abort()
+        # Stop this session's command loop too, or it would read the buffered message lines as commands.
+        raise asyncio.CancelledError
 
     async def finish_data(self, envelope: Envelope) -> str:
         """Called by the DATA hook once the whole message is in."""

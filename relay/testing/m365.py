@@ -125,9 +125,7 @@ class SimulatedM365:
 
     # -- admin setup -------------------------------------------------------------------------
 
-    def add_tenant(
-        self, tenant_id: str, *, domains: Iterable[str] = (), smtp_auth_enabled: bool = True
-    ) -> None:
+    def add_tenant(self, tenant_id: str, *, domains: Iterable[str] = (), smtp_auth_enabled: bool = True) -> None:
         self.entra.add_tenant(tenant_id, domains=domains)
         self.exchange.add_tenant(tenant_id, smtp_auth_disabled=not smtp_auth_enabled)
 
@@ -182,9 +180,7 @@ class SimulatedM365:
     def set_admin_consent(self, tenant_id: str, client_id: str, granted: bool) -> None:
         self.entra.set_admin_consent(tenant_id, client_id, granted)
 
-    def register_service_principal(
-        self, tenant_id: str, client_id: str, object_id: str | None = None
-    ) -> None:
+    def register_service_principal(self, tenant_id: str, client_id: str, object_id: str | None = None) -> None:
         """``New-ServicePrincipal``; ``object_id`` defaults to the right (enterprise app) object ID."""
         oid = object_id or self.entra.app(tenant_id, client_id).service_principal_id
         self.exchange.register_service_principal(tenant_id, client_id, oid)
