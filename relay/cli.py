@@ -1,4 +1,4 @@
-"""Console entry: ``oauth-smtp-relay serve | check | demo | queue ... | hash-password | health``.
+"""Console entry: ``oauth-smtp-relay serve | check | exchange-setup | demo | queue ... | hash-password | health``.
 
 Exit codes: 0 success, 1 a check or command failed, 2 the configuration (or the command line) is
 wrong. Config errors print ``file: key: problem`` on stderr, never a traceback.
@@ -42,6 +42,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from relay.check import run_check
 
     return run_check(args)
+
+
+def cmd_exchange_setup(args: argparse.Namespace) -> int:
+    from relay.exchange_setup import run_exchange_setup
+
+    return run_exchange_setup(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -120,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--send-to", metavar="ADDRESS", help="also send a test message to ADDRESS")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("exchange-setup",
+                       help="print the admin consent URL and Exchange Online PowerShell for this config")
+    with_config(p)
+    p.add_argument("--redirect-uri", help="a redirect URI registered on the app, for the admin-consent URL")
+    p.add_argument("--object-id", help="the Enterprise application's Object ID, if known")
+    p.add_argument("--service-principal-id", help="the ID field of Get-ServicePrincipal, if known")
+    p.set_defaults(func=cmd_exchange_setup)
 
     p = sub.add_parser("demo", help="run the real relay against a built-in simulated Microsoft 365")
     p.add_argument("--keep-running", action="store_true", help="leave it running for your own SMTP client")
