@@ -129,6 +129,9 @@ class CloudPreset(_Model):
     smtp_host: str
     connections: int = 3
     per_minute: int = 30
+    #: Microsoft Graph root and its token scope (mailboxes with ``transport: graph``).
+    graph_host: str = "https://graph.microsoft.com"
+    graph_scope: str = "https://graph.microsoft.com/.default"
 
 
 #: EXCHANGE.md "Clouds". DoD, China and HVE hosts are marked unverified there: every value is
@@ -139,12 +142,18 @@ CLOUDS: Mapping[Cloud, CloudPreset] = {
     Cloud.GCC: CloudPreset(authority_host="https://login.microsoftonline.com",
                            scope="https://outlook.office365.com/.default", smtp_host="smtp.office365.com"),
     Cloud.GCC_HIGH: CloudPreset(authority_host="https://login.microsoftonline.us",
-                                scope="https://outlook.office365.us/.default", smtp_host="smtp.office365.us"),
+                                scope="https://outlook.office365.us/.default", smtp_host="smtp.office365.us",
+                                graph_host="https://graph.microsoft.us",
+                                graph_scope="https://graph.microsoft.us/.default"),
     Cloud.DOD: CloudPreset(authority_host="https://login.microsoftonline.us",
                            scope="https://outlook-dod.office365.us/.default",
-                           smtp_host="outlook-dod.office365.us"),
+                           smtp_host="outlook-dod.office365.us",
+                           graph_host="https://dod-graph.microsoft.us",
+                           graph_scope="https://dod-graph.microsoft.us/.default"),
     Cloud.CHINA: CloudPreset(authority_host="https://login.partner.microsoftonline.cn",
-                             scope="https://partner.outlook.cn/.default", smtp_host="smtp.partner.outlook.cn"),
+                             scope="https://partner.outlook.cn/.default", smtp_host="smtp.partner.outlook.cn",
+                             graph_host="https://microsoftgraph.chinacloudapi.cn",
+                             graph_scope="https://microsoftgraph.chinacloudapi.cn/.default"),
     # High Volume Email: internal recipients only; its limits are not published per minute the way
     # mailbox submission's are, so the pacing default is deliberately higher but still bounded.
     Cloud.HVE: CloudPreset(authority_host="https://login.microsoftonline.com",
@@ -282,6 +291,14 @@ class AppSettings(_Model):
     #: HTTPS proxy for Entra ID requests (SMTP goes direct). Unset: HTTPS_PROXY/NO_PROXY if present.
     proxy: str | None = None
     timeout: Duration = 30.0
+    #: Microsoft Graph (mailboxes with ``transport: graph``): root URL and token scope; unset: the
+    #: cloud's. Graph requests use the same proxy and CA bundle as the token endpoint (both are
+    #: HTTPS APIs of Microsoft reached through the same company proxy).
+    graph_host: str | None = None
+    graph_scope: str | None = None
+    #: Largest MIME message sent by Graph. sendMail takes at most 4 MB per request and the MIME goes
+    #: base64-encoded (+33 %): 3,000,000 bytes of MIME are 4,000,000 bytes on the wire.
+    graph_max_mime: Size = Field(default=3_000_000, ge=1024)
 
     @field_validator("tenant_id")
     @classmethod
@@ -332,13 +349,32 @@ class AppSettings(_Model):
     def effective_smtp_host(self) -> str:
         return self.smtp_host or self.preset.smtp_host
 
+    @property
+    def effective_graph_host(self) -> str:
+        return (self.graph_host or self.preset.graph_host).rstrip("/")
+
+    @property
+    def effective_graph_scope(self) -> str:
+        return self.graph_scope or self.preset.graph_scope
+
 
 class MailboxSettings(_Model):
     address: Address
     app: str
-    transport: Literal["smtp"] = "smtp"
+    #: ``smtp``: SMTP AUTH XOAUTH2 (SMTP.SendAsApp). ``graph``: Microsoft Graph sendMail with the raw
+    #: MIME (Mail.Send application permission), for tenants that keep SMTP AUTH switched off.
+    transport: Literal["smtp", "graph"] = "smtp"
+    #: ``transport: graph`` only: send messages too big for Graph (apps[].graph_max_mime) by SMTP
+    #: instead of refusing them. Needs SMTP AUTH working for this mailbox as well.
+    fallback_smtp: bool = False
     connections: int | None = Field(default=None, ge=1, le=50)
     per_minute: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _fallback_needs_graph(self) -> MailboxSettings:
+        if self.fallback_smtp and self.transport != "graph":
+            raise ValueError("fallback_smtp only applies to a mailbox with transport: graph")
+        return self
 
 
 class RewriteFrom(StrEnum):

@@ -12,37 +12,59 @@ What is ours here, and why aiosmtpd's defaults are not enough:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
 import email.parser
 import email.policy
 import ipaddress
 import logging
+import re
+import secrets
 import ssl
 import time
-import warnings
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.config import AuthMode, ListenSettings, Settings, TlsMode
 from relay.envelope import Envelope as RelayEnvelope
 from relay.envelope import Route
 from relay.errors import SpoolError, SpoolFull
-from relay.passwords import VerifiedCache, verify_password
-from relay.policy import Policy, Principal, Refusal
+from relay.passwords import VerifiedCache, hash_password, verify_password
+from relay.policy import HeaderDecision, Policy, Principal, Refusal
 from relay.rewrite import HeaderRewriter
 
 log = logging.getLogger("relay.listener")
 
 # aiosmtpd warns on every AUTH that Session.login_data is deprecated; we use our own transaction state.
-warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
-# aiosmtpd logs every command line (addresses, AUTH blobs) at INFO/DEBUG: keep it quiet.
-logging.getLogger("mail.log").setLevel(logging.WARNING)
+class _DropLoginDataDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "login_data is deprecated" not in record.getMessage()
 
-_HEADER_LIMIT = 256 * 1024
+
+logging.getLogger("mail.log").addFilter(_DropLoginDataDeprecation())
+
+
+def _only_errors(record: logging.LogRecord) -> bool:
+    """aiosmtpd logs every command line and DATA line (AUTH blobs, passwords typed as commands,
+    message bodies) at DEBUG/INFO, and unknown commands verbatim at WARNING. A level alone is not
+    enough (anyone may turn the root logger to DEBUG), so this filter lets nothing but errors through,
+    whatever the level; the relay logs its own, secret-free events instead."""
+    return record.levelno >= logging.ERROR
+
+
+_AIOSMTPD_LOG = logging.getLogger("mail.log")
+_AIOSMTPD_LOG.setLevel(logging.WARNING)
+if _only_errors not in _AIOSMTPD_LOG.filters:
+    _AIOSMTPD_LOG.addFilter(_only_errors)
+
 _CHUNK = 64 * 1024
+_BARE_EOL = re.compile(rb"\r\n|\n|\r")
 #: what a client sees when something unexpected happens: transient, no internals.
 INTERNAL_ERROR = "451 4.3.0 Local error in processing, try again later"
 
@@ -77,17 +99,22 @@ def is_loopback(host: str) -> bool:
 
 
 class AuthLimiter:
-    """Counts failed AUTH per client address; past ``max`` failures in ``window`` the address is
-    refused for ``ban`` seconds. Each failure also costs the client a growing delay."""
+    """Counts failed AUTH per client address; ``max_failures`` failures within ``window`` seconds ban
+    the address for ``ban`` seconds (421 4.7.0 at connect and at AUTH).
+
+    Memory is bounded: at most ``max_tracked`` addresses are remembered (the oldest are forgotten
+    first), so a client cycling through many source addresses cannot grow it without limit.
+    """
 
     def __init__(self, max_failures: int, window: float, ban: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, max_tracked: int = 10000) -> None:
         self.max_failures = max_failures
         self.window = window
         self.ban = ban
+        self.max_tracked = max_tracked
         self._clock = clock
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
-        self._banned_until: dict[str, float] = {}
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._banned_until: OrderedDict[str, float] = OrderedDict()
 
     def banned(self, address: str) -> bool:
         until = self._banned_until.get(address)
@@ -99,19 +126,23 @@ class AuthLimiter:
             return False
         return True
 
-    def failed(self, address: str) -> float:
-        """Record a failure; returns the delay (seconds) to impose before answering."""
+    def failed(self, address: str) -> int:
+        """Record a failure; returns how many failures this address has within the window."""
         now = self._clock()
-        q = self._failures[address]
+        q = self._failures.pop(address, None) or deque()
+        self._failures[address] = q  # most recent last
         q.append(now)
         while q and q[0] < now - self.window:
             q.popleft()
-        if len(q) >= self.max_failures:
+        if len(q) >= self.max_failures and address not in self._banned_until:
             self._banned_until[address] = now + self.ban
             log.warning("client address refused after repeated AUTH failures",
                         extra={"event": "auth_banned", "client_ip": address, "failures": len(q),
                                "ban_seconds": self.ban})
-        return min(0.2 * len(q), 2.0)
+        for table in (self._failures, self._banned_until):
+            while len(table) > self.max_tracked:
+                table.popitem(last=False)
+        return len(q)
 
     def succeeded(self, address: str) -> None:
         self._failures.pop(address, None)
@@ -137,6 +168,34 @@ class _Transaction:
     user: str | None = None
 
 
+#: Enhanced status codes (RFC 3463) for replies aiosmtpd writes without one, by reply code.
+_ENHANCED_BY_CODE = {
+    "421": "4.3.0", "450": "4.2.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4", "553": "5.1.3",
+    "554": "5.7.0", "555": "5.5.4",
+}
+#: 2xx replies of aiosmtpd worth an enhanced code (EHLO lines and the greeting take none).
+_ENHANCED_2XX = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye"}
+_HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_REPLY = 512
+
+
+def normalise_reply(status: str) -> str:
+    """Every 4xx/5xx single-line reply gets an enhanced status code; no control characters (a client
+    cannot make us echo a CR or LF into a reply); a bounded length; aiosmtpd's "Error: " prefix goes."""
+    status = _CONTROL.sub("?", status)[:_MAX_REPLY]
+    if status in _ENHANCED_2XX:
+        return _ENHANCED_2XX[status]
+    code, sep, text = status[:3], status[3:4], status[4:]
+    if sep != " " or code not in _ENHANCED_BY_CODE or _HAS_ENHANCED.match(status):
+        return status
+    text = text.removeprefix("Error: ")
+    text = text[:1].upper() + text[1:]
+    return f"{code} {_ENHANCED_BY_CODE[code]} {text}".rstrip()
+
+
 class RelayHandler:
     """aiosmtpd hooks: who may send (MAIL), to whom (RCPT), EHLO capabilities, errors."""
 
@@ -154,7 +213,9 @@ class RelayHandler:
         txn = server.txn
         principal = server.principal()
         if principal is None:
-            return "530 5.7.0 Authentication required"
+            if server.auth_offered():
+                return "530 5.7.0 Authentication required"
+            return f"550 5.7.1 Relaying denied: {server.peer_ip} may not send through this relay"
         # aiosmtpd hands the null sender (bounces) over as "<>"; it stays that way in its envelope
         # (RCPT needs a non-empty mail_from) and becomes "" in ours.
         route = self.state.policy.route(principal, "" if address == "<>" else address)
@@ -184,15 +245,35 @@ class RelayHandler:
         return "250 2.0.0 OK"
 
     async def handle_exception(self, error: Exception) -> str:
+        # Only the class name reaches the log (never str(error): it may quote client data); the
+        # client sees a fixed transient reply.
         log.error("unexpected error in an SMTP session: %s", type(error).__name__,
                   extra={"event": "session_error", "error_type": type(error).__name__})
         return INTERNAL_ERROR
 
 
-class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with our AUTH, streaming DATA and connection limits."""
+class _LineTooLong(Exception):
+    """A line longer than the reader's limit was read and thrown away up to its end."""
 
-    command_size_limit = 4096
+
+async def read_line(reader: asyncio.StreamReader, separator: bytes = b"\r\n") -> bytes:
+    """One line including ``separator``. A line over the reader's limit is consumed up to and
+    including its separator (so the stream stays in sync: its tail is never taken for a new line)
+    and :class:`_LineTooLong` is raised. EOF raises :class:`asyncio.IncompleteReadError`."""
+    try:
+        return await reader.readuntil(separator)
+    except asyncio.LimitOverrunError as exc:
+        await reader.readexactly(exc.consumed)
+    while True:
+        try:
+            await reader.readuntil(separator)
+            raise _LineTooLong
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with our AUTH, streaming DATA, limits and replies."""
 
     def __init__(self, handler: RelayHandler, listen: ListenSettings, **kwargs: Any) -> None:
         self.state = handler.state
@@ -200,6 +281,11 @@ class RelaySMTP(SMTP):
         self.txn = _Transaction()
         self._counted: str | None = None
         limits = self.state.settings.limits
+        # Per connection, not aiosmtpd's class-wide dict (which every EHLO of every client grows).
+        self.command_size_limit = limits.command_line_length
+        self.command_size_limits = defaultdict(lambda: limits.command_line_length)
+        # The StreamReader's limit: the longest line we read at all (commands and DATA).
+        self.line_length_limit = max(limits.command_line_length, limits.line_length + 2) + 2
         super().__init__(
             handler,
             data_size_limit=limits.max_message_size,
@@ -213,17 +299,31 @@ class RelaySMTP(SMTP):
             authenticator=self._never_called,
             **kwargs,
         )
+        self.command_size_limits = defaultdict(lambda: limits.command_line_length)
         if self.state.settings.accept.auth is AuthMode.NONE:
             self._auth_methods.clear()
 
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            await super().push(normalise_reply(status))
+        else:
+            await super().push(status)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes silently; RFC 5321 4.2: say why with 421 before closing.
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
     # ---- connection accounting -------------------------------------------------------------
 
-    @property
+    # Plain methods, not properties: aiosmtpd's __init__ runs inspect.getmembers(self), which
+    # evaluates every property before a session exists.
     def sess(self) -> Session:
         assert self.session is not None
         return self.session
 
-    @property
     def env(self) -> Envelope:
         assert self.envelope is not None
         return self.envelope
@@ -245,9 +345,14 @@ class RelaySMTP(SMTP):
             await self._refuse_connection("421 4.7.0 Too many failed logins from your address, try later")
             return
         if state.connections >= limits.max_connections:
+            log.warning("connection refused: too many connections",
+                        extra={"event": "connection_limit", "client_ip": ip, "limit": limits.max_connections})
             await self._refuse_connection("421 4.7.0 Too many connections, try again later")
             return
         if state.per_address[ip] >= limits.max_connections_per_address:
+            log.warning("connection refused: too many connections from one address",
+                        extra={"event": "connection_limit", "client_ip": ip,
+                               "limit": limits.max_connections_per_address})
             await self._refuse_connection("421 4.7.0 Too many connections from your address, try again later")
             return
         state.connections += 1
@@ -271,7 +376,8 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
 
     async def _refuse_connection(self, reply: str) -> None:
-        await self.push(reply)
+        with contextlib.suppress(ConnectionError):
+            await self.push(reply)
         if self.transport is not None:
             self.transport.close()
 
@@ -289,7 +395,7 @@ class RelaySMTP(SMTP):
 
     def principal(self) -> Principal | None:
         accept = self.state.settings.accept
-        if self.sess.authenticated and self.txn.user:
+        if self.sess().authenticated and self.txn.user:
             user = self.state.policy.user(self.txn.user)
             return Principal.for_user(user) if user else None
         if accept.auth is AuthMode.REQUIRED:
@@ -301,10 +407,44 @@ class RelaySMTP(SMTP):
         super()._set_rset_state()  # type: ignore[no-untyped-call]
         self.txn = _Transaction(user=getattr(self, "txn", _Transaction()).user)
 
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.txn = _Transaction(user=getattr(self, "txn", _Transaction()).user)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # RFC 3207 4.2: after TLS the client starts over; nothing learnt before it counts (aiosmtpd
+        # resets its session and drops bytes sent along with STARTTLS; we drop our login too).
+        self.txn = _Transaction()
+        await super().smtp_STARTTLS(arg)
+        self.txn = _Transaction()
+
     # ---- AUTH --------------------------------------------------------------------------------
 
     def _never_called(self, *args: Any) -> AuthResult:  # aiosmtpd needs an authenticator; ours is async
         return AuthResult(success=False, handled=False)
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """aiosmtpd's, minus logging the client's answer, plus a bounded line that keeps the session
+        in sync. Returns the decoded answer, or MISSING after replying (abort, bad base64, too long)."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
+        try:
+            line = await read_line(self._reader, b"\n")
+        except _LineTooLong:
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return MISSING
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("client closed the connection during AUTH") from None
+        blob = line.strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Authentication aborted")
+            return MISSING
+        decoded = _b64(blob.decode("latin-1"))
+        if decoded is None:
+            await self.push("501 5.5.2 Cannot decode base64")
+            return MISSING
+        return decoded
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if (refused := await self._auth_precheck()) is not None:
@@ -347,7 +487,7 @@ class RelaySMTP(SMTP):
 
     async def _auth_precheck(self) -> AuthResult | None:
         if not self.auth_offered():
-            if not self.encrypted:
+            if not self.encrypted and self._auth_methods and self.state.settings.users:
                 await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
             else:
                 await self.push("503 5.5.1 AUTH not available")
@@ -372,16 +512,28 @@ class RelaySMTP(SMTP):
                 ok = await asyncio.to_thread(verify_password, password, user.password_hash)
                 if ok:
                     state.verified.add(user.name, user.password_hash, password)
+        else:
+            # Same cost as a known user with a wrong password: the answer time does not tell a
+            # guesser which user names exist.
+            await asyncio.to_thread(verify_password, password, _dummy_hash(state.settings))
         if ok:
             state.auth_limiter.succeeded(self.peer_ip)
             self.txn.user = login
             log.info("client authenticated", extra={"event": "auth_ok", "user": login, "client_ip": self.peer_ip})
             return AuthResult(success=True, auth_data=LoginPassword(login_b, b""))
-        delay = state.auth_limiter.failed(self.peer_ip)
+        failures = state.auth_limiter.failed(self.peer_ip)
         log.warning("client authentication failed", extra={
-            "event": "auth_failed", "user": login[:64], "client_ip": self.peer_ip})
-        if delay:
+            "event": "auth_failed", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip,
+            "failures": failures})
+        cfg = state.settings.limits.auth_failures
+        delay = min(cfg.delay * failures, cfg.max_delay)
+        if delay > 0:
             await asyncio.sleep(delay)  # tarpit: slows password guessing, not a synchronisation
+        if state.auth_limiter.banned(self.peer_ip):
+            await self.push("421 4.7.0 Too many failed logins from your address, try later")
+            if self.transport is not None:
+                self.transport.close()
+            return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
 
     # ---- DATA ------------------------------------------------------------------------------
@@ -389,25 +541,32 @@ class RelaySMTP(SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
-        if not self.env.rcpt_tos or self.txn.route is None:
+        if not self.env().rcpt_tos or self.txn.route is None or self.txn.principal is None:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
         route = self.txn.route
+        principal = self.txn.principal
         limits = self.state.settings.limits
         try:
             body = self.state.intake.new_body()
         except SpoolError:
             await self.push("452 4.3.1 Insufficient system storage, try again later")
             return
-        receiver = _DataReceiver(body, limit=limits.max_message_size, line_limit=limits.line_length,
-                                 rewriter=HeaderRewriter(route) if route.rewrite_from else None)
+        policy = self.state.policy
+        receiver = _DataReceiver(
+            body, limit=limits.max_message_size, line_limit=limits.line_length,
+            header_limit=limits.max_header_size,
+            check_headers=lambda headers: policy.header_from(principal, route, headers),
+            keepalive=lambda: self._reset_timeout(limits.data_timeout),
+        )
+        self._reset_timeout(limits.data_timeout)
         await self.push("354 3.0.0 End data with <CR><LF>.<CR><LF>")
         try:
             reply = await receiver.receive(self._reader)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
             body.abort()
             raise
         except SpoolFull:
@@ -416,98 +575,143 @@ class RelaySMTP(SMTP):
             reply = "451 4.3.0 Local error storing the message, try again later"
         if reply is not None:
             body.abort()
+            self._reset_timeout()
             await self.push(reply)
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self._set_post_data_state()
             return
+        if receiver.rewritten:
+            route = dataclasses.replace(route, rewrite_from=True, notes=(
+                *route.notes, f"header From rewritten to <{route.mailbox}>"))
         envelope = RelayEnvelope(
-            mail_from="" if self.env.mail_from == "<>" else str(self.env.mail_from),
-            rcpt_tos=tuple(self.env.rcpt_tos),
-            mail_options=tuple(o for o in self.env.mail_options if not o.upper().startswith("SIZE=")),
+            mail_from="" if self.env().mail_from == "<>" else str(self.env().mail_from),
+            rcpt_tos=tuple(self.env().rcpt_tos),
+            mail_options=tuple(o for o in self.env().mail_options if not o.upper().startswith("SIZE=")),
         )
+        # Delivery may take up to delivery.sync_wait: that is not the client being idle.
+        self._reset_timeout(limits.idle_timeout + self.state.settings.delivery.sync_wait)
         try:
             reply = await self.state.intake.accept(envelope, route, body, message_id=receiver.message_id,
                                                    client=self.client_label())
         except SpoolFull:
             body.abort()
             reply = "452 4.3.1 Insufficient system storage, try again later"
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             body.abort()
             log.error("could not accept a message: %s", type(exc).__name__,
                       extra={"event": "accept_failed", "error_type": type(exc).__name__})
             reply = INTERNAL_ERROR
+        self._reset_timeout()
         await self.push(reply)
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self._set_post_data_state()
+
+
+_DUMMY_HASHES: dict[tuple[str, ...], str] = {}
+
+
+def _dummy_hash(settings: Settings) -> str:
+    """A hash with the same parameters as the configured users' (so verifying it costs the same)."""
+    params: tuple[str, ...] = ("15", "8", "1")
+    for user in settings.users:
+        parts = user.password_hash.split("$")
+        if parts[0] == "scrypt" and len(parts) == 6:
+            params = tuple(parts[1:4])
+            break
+    if params not in _DUMMY_HASHES:
+        try:
+            log_n, r, p = (int(x) for x in params)
+            _DUMMY_HASHES[params] = hash_password(secrets.token_hex(16), log_n=log_n, r=r, p=p)
+        except (ValueError, OverflowError, MemoryError):
+            _DUMMY_HASHES[params] = hash_password(secrets.token_hex(16))
+    return _DUMMY_HASHES[params]
 
 
 def _b64(text: str) -> bytes | None:
-    import base64
-    import binascii
-
+    if text == "=":  # RFC 4954: an empty initial response
+        return b""
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         return None
 
 
+HeaderCheck = Callable[[bytes], "HeaderDecision | Refusal"]
+
+
 class _DataReceiver:
     """Reads DATA lines until CRLF.CRLF, un-stuffs dots, streams them to the body sink.
 
+    Only a line that is exactly ``.CRLF`` (after a CRLF) ends the message: ``\\n.\\r\\n``,
+    ``\\r.\\r\\n`` and ``\\n.\\n`` are message content (SMTP smuggling). A line over the limit is read
+    to its CRLF and dropped, never split, so its tail cannot be taken for the end of the data.
+
     Returns an error reply (and keeps reading to the end so the session stays in sync) when the
-    message is too big or a line is too long; returns None when the message is complete.
+    message is too big, a line is too long, or policy refuses its header From; None when complete.
     """
 
-    def __init__(self, body: BodySink, *, limit: int, line_limit: int,
-                 rewriter: HeaderRewriter | None) -> None:
+    def __init__(self, body: BodySink, *, limit: int, line_limit: int, header_limit: int = 256 * 1024,
+                 check_headers: HeaderCheck | None = None,
+                 keepalive: Callable[[], None] | None = None) -> None:
         self.body = body
         self.limit = limit
         self.line_limit = line_limit
-        self.rewriter = rewriter
+        self.header_limit = header_limit
+        self.check_headers = check_headers
+        self.keepalive = keepalive
         self.size = 0
         self.message_id = ""
+        self.rewritten = False
         self._in_headers = True
         self._headers = bytearray()
         self._buffer = bytearray()
+        self._error: str | None = None
 
     async def receive(self, reader: asyncio.StreamReader) -> str | None:
-        error: str | None = None
-        fragments: list[bytes] = []
+        too_long = f"500 5.5.2 Line too long (at most {self.line_limit} bytes)"
+        last_keepalive = time.monotonic()
         while True:
             try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                line = await reader.read(exc.consumed)
-                error = error or f"500 5.5.2 Line too long (at most {self.line_limit} bytes)"
-                fragments = []
+                line = await read_line(reader)
+            except _LineTooLong:
+                self._error = self._error or too_long
                 continue
-            except asyncio.IncompleteReadError:
-                raise ConnectionResetError("client closed the connection during DATA") from None
-            if fragments:
-                fragments.append(line)
-                line = b"".join(fragments)
-                fragments = []
             if line == b".\r\n":
                 break
-            if error is not None:
+            if self.keepalive is not None and time.monotonic() - last_keepalive > 1.0:
+                last_keepalive = time.monotonic()
+                self.keepalive()
+            if self._error is not None:
                 continue
             if len(line) > self.line_limit + 2:
-                error = f"500 5.5.2 Line too long (at most {self.line_limit} bytes)"
+                self._error = too_long
                 continue
             if line.startswith(b"."):
                 line = line[1:]
             self.size += len(line)
             if self.size > self.limit:
-                error = f"552 5.3.4 Message size exceeds fixed maximum message size ({self.limit} bytes)"
+                self._error = f"552 5.3.4 Message size exceeds fixed maximum message size ({self.limit} bytes)"
                 continue
             self._take(line)
-        if error is None:
+        if self._error is None:
             self._finish()
-        return error
+        return self._error
 
     def _take(self, line: bytes) -> None:
         if self._in_headers:
-            self._headers += line
-            if line in (b"\r\n", b"\n") or len(self._headers) > _HEADER_LIMIT:
-                self._end_headers()
+            # Judge the header block exactly as Exchange will see it: upstream turns every bare LF
+            # or CR into CRLF, so a bare one here may end the header block or start a new field.
+            pieces = _BARE_EOL.sub(b"\r\n", line).split(b"\r\n")[:-1]
+            for i, piece in enumerate(pieces):
+                self._headers += piece + b"\r\n"
+                if piece == b"":
+                    self._end_headers()
+                    rest = b"".join(p + b"\r\n" for p in pieces[i + 1:])
+                    if rest and self._error is None:
+                        self._buffer += rest
+                    return
+            if len(self._headers) > self.header_limit:
+                self._error = f"552 5.3.4 Message header too large (at most {self.header_limit} bytes)"
             return
         self._buffer += line
         if len(self._buffer) >= _CHUNK:
@@ -519,15 +723,21 @@ class _DataReceiver:
         headers = bytes(self._headers)
         self._headers.clear()
         parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(headers)
-        self.message_id = str(parsed.get("Message-ID", "") or "").strip()[:256]
-        if self.rewriter is not None:
-            headers = self.rewriter.rewrite(headers)
+        self.message_id = _CONTROL.sub("", str(parsed.get("Message-ID", "") or "")).strip()[:256]
+        if self.check_headers is not None:
+            decision = self.check_headers(headers)
+            if isinstance(decision, Refusal):
+                self._error = decision.reply
+                return
+            if decision.rewrite_to is not None:
+                headers = HeaderRewriter(decision.rewrite_to).rewrite(headers)
+                self.rewritten = True
         self.body.write(headers)
 
     def _finish(self) -> None:
         if self._in_headers:
             self._end_headers()
-        if self._buffer:
+        if self._error is None and self._buffer:
             self.body.write(bytes(self._buffer))
             self._buffer.clear()
 
@@ -552,8 +762,13 @@ async def start_listener(
 
 
 def make_server_tls_context(cert_file: str, key_file: str, min_version: str) -> ssl.SSLContext:
+    """The listener's TLS: the admin's certificate and key, TLS 1.2 or newer, no compression,
+    no renegotiation, server cipher preference (Python's defaults already drop weak ciphers)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    if hasattr(ssl, "OP_NO_RENEGOTIATION"):
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
 

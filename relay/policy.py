@@ -7,16 +7,27 @@ It never touches the network or the disk.
 Sender patterns (``may_send_as``): an exact address ``noreply@contoso.com``, a whole domain
 ``@contoso.com`` (or ``*@contoso.com``), a shell-style pattern ``alerts-*@contoso.com``, or ``*``.
 An empty list means: any address listed under ``mailboxes``.
+
+The same patterns judge the envelope sender (MAIL FROM, :meth:`Policy.route`) and the header
+``From:`` (:meth:`Policy.header_from`), because Exchange checks SendAs on the header From: a client
+allowed to use one envelope sender must not put someone else's address in From. ``rewrite_from``:
+
+- ``never``: a sender or From the principal may not use is refused (550 5.7.1);
+- ``when-not-allowed`` (default): it is replaced by the carrying mailbox (display name kept,
+  original address in Reply-To); allowed addresses pass unchanged;
+- ``always``: envelope sender and From always become the carrying mailbox.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from relay.config import NetworkRule, RewriteFrom, Settings, UserSettings
 from relay.envelope import Route
+from relay.rewrite import field_name, from_addresses, split_header_fields
 
 
 @dataclass(frozen=True)
@@ -61,8 +72,19 @@ def sender_matches(address: str, pattern: str) -> bool:
     return address == pattern
 
 
+#: CR, LF, NUL and every other control character, plus lone surrogates (bytes that were not UTF-8).
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
 def _has_forbidden_characters(address: str) -> bool:
-    return any(c in address for c in "\r\n\x00")
+    return _FORBIDDEN.search(address) is not None
+
+
+@dataclass(frozen=True)
+class HeaderDecision:
+    """What to do with a message's header From: keep it (``rewrite_to`` None) or rewrite it."""
+
+    rewrite_to: str | None = None
 
 
 class Policy:
@@ -94,6 +116,30 @@ class Policy:
         if not principal.may_send_as:
             return address.lower() in self._mailboxes
         return any(sender_matches(address, p) for p in principal.may_send_as)
+
+    def header_from(self, principal: Principal, route: Route, headers: bytes) -> HeaderDecision | Refusal:
+        """Judge the header ``From:`` of a message whose envelope :meth:`route` already accepted.
+
+        More than one From field is refused (Exchange and mail clients would each pick a different
+        one). A From that does not parse to unambiguous addresses counts as not allowed.
+        """
+        froms = [f for f in split_header_fields(headers) if field_name(f) == "from"]
+        if len(froms) > 1:
+            return Refusal(554, "5.6.0 Message has more than one From header field")
+        mode = self.settings.sender.rewrite_from
+        if mode is RewriteFrom.ALWAYS or (route.rewrite_from and not froms):
+            return HeaderDecision(rewrite_to=route.mailbox)
+        if not froms:
+            return HeaderDecision()
+        addresses = from_addresses(froms[0])
+        allowed = bool(addresses) and all(
+            not _has_forbidden_characters(a) and self.may_send_as(principal, a) for a in addresses or ())
+        if allowed:
+            return HeaderDecision()
+        if mode is RewriteFrom.NEVER:
+            shown = ", ".join(f"<{a}>" for a in addresses) if addresses else "this header From"
+            return Refusal(550, f"5.7.1 {principal.name} may not send as {shown} (header From)")
+        return HeaderDecision(rewrite_to=route.mailbox)
 
     def check_recipient(self, address: str) -> Refusal | None:
         if _has_forbidden_characters(address) or not address or "@" not in address:

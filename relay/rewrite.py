@@ -8,10 +8,14 @@ Only the header block is touched; every other byte of the message stays as recei
 
 from __future__ import annotations
 
+import email.errors
 import email.utils
 import re
+from email.headerregistry import HeaderRegistry
 
 from relay.envelope import Route
+
+_REGISTRY = HeaderRegistry()
 
 _FIELD_RE = re.compile(rb"^([!-9;-~]+):", re.ASCII)
 
@@ -36,6 +40,38 @@ def _line_ending(raw: bytes) -> bytes:
     return b"\r\n" if raw.endswith(b"\r\n") else b"\n"
 
 
+def field_value(raw: bytes) -> str:
+    """A raw field's value, unfolded, as text (bytes that are not UTF-8 kept via surrogateescape)."""
+    value = raw.split(b":", 1)[1] if b":" in raw else b""
+    return " ".join(value.decode("utf-8", "surrogateescape").split())
+
+
+def from_addresses(raw: bytes) -> list[str] | None:
+    """The addresses of a From field, lower-cased; None unless two independent parsers agree.
+
+    A From that the standard library's legacy parser and its RFC 5322 parser read differently (or
+    with an invalid-address defect) is ambiguous: Exchange or a mail client may read it either way, so
+    policy must treat it as not allowed rather than trust one reading.
+    """
+    value = field_value(raw)
+    legacy = [addr.lower() for _name, addr in email.utils.getaddresses([value])]
+    try:
+        header = _REGISTRY("From", value)
+        modern = [a.addr_spec.lower() for a in header.addresses]  # type: ignore[attr-defined]
+        defects = header.defects
+    except (email.errors.HeaderParseError, IndexError, ValueError, TypeError):
+        return None
+    if any(isinstance(d, email.errors.InvalidHeaderDefect) for d in defects):
+        return None
+    if not legacy or legacy != modern:
+        return None
+    for addr in legacy:
+        local, at, domain = addr.rpartition("@")
+        if not at or not local or not domain or "@" in domain:
+            return None
+    return legacy
+
+
 def display_part(value: str) -> str:
     """The display name part of an address as written: ``"Doe, Jane" <j@x>`` -> ``"Doe, Jane"``."""
     value = value.strip()
@@ -47,11 +83,33 @@ def display_part(value: str) -> str:
     return ""
 
 
-class HeaderRewriter:
-    """Rewrites ``From:`` to ``route.mailbox`` keeping the display name; adds ``Reply-To:``."""
+def new_from_value(original: str, mailbox: str) -> str:
+    """The rewritten From value: the first address's display name as written, then ``<mailbox>``.
 
-    def __init__(self, route: Route) -> None:
-        self.mailbox = route.mailbox
+    Post-condition checked: the result parses to exactly ``mailbox`` and nothing else (a display name
+    that would smuggle a second address in is re-quoted, or dropped as a last resort).
+    """
+    candidates: list[str] = []
+    pairs = email.utils.getaddresses([original])
+    if len(pairs) == 1:
+        display = display_part(original)
+        if display:
+            candidates.append(f"{display} <{mailbox}>")
+    name = pairs[0][0] if pairs else ""
+    if name:
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        candidates.append(f'"{quoted}" <{mailbox}>')
+    for candidate in candidates:
+        if from_addresses(b"From: " + candidate.encode("utf-8", "surrogateescape")) == [mailbox.lower()]:
+            return candidate
+    return f"<{mailbox}>"
+
+
+class HeaderRewriter:
+    """Rewrites ``From:`` to the carrying mailbox keeping the display name; adds ``Reply-To:``."""
+
+    def __init__(self, target: Route | str) -> None:
+        self.mailbox = target.mailbox if isinstance(target, Route) else target
 
     def rewrite(self, block: bytes) -> bytes:
         fields = split_header_fields(block)
@@ -63,10 +121,8 @@ class HeaderRewriter:
                 out.append(raw)
                 continue
             eol = _line_ending(raw)
-            value = raw.split(b":", 1)[1].decode("utf-8", "surrogateescape")
-            original = " ".join(value.split())  # unfold
-            display = display_part(original)
-            new_value = f"{display} <{self.mailbox}>" if display else f"<{self.mailbox}>"
+            original = field_value(raw)
+            new_value = new_from_value(original, self.mailbox)
             out.append(b"From: " + new_value.encode("utf-8", "surrogateescape") + eol)
             reply_to = b"Reply-To: " + original.encode("utf-8", "surrogateescape") + eol
         if reply_to is not None and not has_reply_to:

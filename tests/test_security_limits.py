@@ -1,0 +1,166 @@
+"""Issue 4, abuse limits: failed logins, connections, idle clients. Real sockets, bounded waits."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.listener import AuthLimiter
+from relay.testing.harness import RelayThread, wait_until
+from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from tests.conftest import RelayFactory
+from tests.test_security_support import RawSMTP, plain_blob, simple_body
+
+RCPT = "someone@fabrikam.example"
+FAST_TARPIT = {"delay": 0.001, "max_delay": 0.005}
+
+
+def test_fifty_wrong_passwords_ban_that_address_only(relay_factory: RelayFactory, m365: SimulatedM365) -> None:
+    relay = relay_factory(limits={"auth_failures": {"max": 50, "window": 600, "ban": 900, **FAST_TARPIT}})
+    attempts = 0
+    refused = b""
+    # 10 connections x 5 wrong passwords, alternating known and unknown user names
+    for _ in range(10):
+        with RawSMTP(relay.port) as c:
+            c.ehlo()
+            for _ in range(5):
+                attempts += 1
+                user = "erp" if attempts % 2 else "admin"
+                reply = c.cmd(f"AUTH PLAIN {plain_blob(user, f'guess-{attempts}')}")
+                if attempts < 50:
+                    assert reply.startswith(b"535 5.7.8"), (attempts, reply)
+                else:
+                    refused = reply
+            if attempts == 50:
+                assert c.closed()
+    assert refused.startswith(b"421 4.7.0")
+    # The banned address: refused at the greeting, even with the right password.
+    with RawSMTP(relay.port, greet=False) as c:
+        assert c.reply().startswith(b"421 4.7.0")
+        assert c.closed()
+    # Another address authenticates and sends as usual.
+    with RawSMTP(relay.port, source="127.0.0.2") as c:
+        c.ehlo()
+        c.login()
+        assert c.send_mail(STANDARD_MAILBOX, [RCPT], simple_body("other host")).startswith(b"250")
+    assert len(m365.exchange.wait_for_messages(1)) == 1
+
+
+def test_default_threshold_bans_before_fifty(relay_factory: RelayFactory) -> None:
+    relay = relay_factory(limits={"auth_failures": FAST_TARPIT})
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        replies = []
+        for i in range(50):
+            reply = c.cmd(f"AUTH PLAIN {plain_blob('erp', f'wrong{i}')}")
+            replies.append(reply[:3])
+            if reply.startswith(b"421"):
+                break
+        assert replies == [b"535"] * 9 + [b"421"]  # default max: 10
+        assert c.closed()
+
+
+def test_success_resets_the_count(relay_factory: RelayFactory) -> None:
+    relay = relay_factory(limits={"auth_failures": {"max": 3, **FAST_TARPIT}})
+    for _ in range(3):
+        with RawSMTP(relay.port) as c:
+            c.ehlo()
+            assert c.cmd(f"AUTH PLAIN {plain_blob('erp', 'typo')}").startswith(b"535")
+            assert c.cmd(f"AUTH PLAIN {plain_blob('erp', 'typo')}").startswith(b"535")
+            c.login()
+
+
+def test_limiter_unit_window_ban_expiry_and_bound() -> None:
+    now = [1000.0]
+    lim = AuthLimiter(3, window=60, ban=300, clock=lambda: now[0], max_tracked=100)
+    assert lim.failed("a") == 1 and lim.failed("a") == 2
+    now[0] += 61  # the first two fall out of the window
+    assert lim.failed("a") == 1 and not lim.banned("a")
+    lim.failed("a"), lim.failed("a")
+    assert lim.banned("a") and not lim.banned("b")
+    now[0] += 299
+    assert lim.banned("a")
+    now[0] += 2
+    assert not lim.banned("a") and lim.failed("a") == 1  # ban over, count restarted
+    for i in range(1000):
+        lim.failed(f"10.0.{i // 256}.{i % 256}")
+    assert len(lim._failures) <= 100 and len(lim._banned_until) <= 100
+
+
+def test_tarpit_delay_grows_with_failures(relay_factory: RelayFactory) -> None:
+    import time
+
+    relay = relay_factory(limits={"auth_failures": {"max": 10, "delay": 0.05, "max_delay": 0.1}})
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        started = time.monotonic()
+        for i in range(4):
+            assert c.cmd(f"AUTH PLAIN {plain_blob('erp', f'w{i}')}").startswith(b"535")
+        # 0.05 + 0.1 + 0.1 + 0.1 at least
+        assert time.monotonic() - started >= 0.35
+
+
+def test_connection_limits_total_and_per_address(relay_factory: RelayFactory, m365: SimulatedM365) -> None:
+    relay = relay_factory(limits={"max_connections": 3, "max_connections_per_address": 2})
+    state = relay.relay.listener_state
+    a1, a2 = RawSMTP(relay.port), RawSMTP(relay.port)
+    with RawSMTP(relay.port, greet=False) as a3:
+        assert a3.reply().startswith(b"421 4.7.0")
+        assert a3.closed()
+    b1 = RawSMTP(relay.port, source="127.0.0.2")
+    with RawSMTP(relay.port, source="127.0.0.3", greet=False) as c4:  # total reached
+        assert c4.reply().startswith(b"421 4.7.0")
+        assert c4.closed()
+    assert state.connections == 3
+    for c in (a1, a2, b1):
+        c.ehlo()
+        c.close()
+    wait_until(lambda: state.connections == 0, 10, "connections to be released")
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        c.login()
+        assert c.send_mail(STANDARD_MAILBOX, [RCPT], simple_body("after limits")).startswith(b"250")
+    assert len(m365.exchange.wait_for_messages(1)) == 1
+
+
+def test_idle_timeout_says_421_and_closes(relay_factory: RelayFactory) -> None:
+    relay = relay_factory(limits={"idle_timeout": 0.3})
+    with RawSMTP(relay.port, timeout=10) as c:
+        c.ehlo()
+        assert c.reply().startswith(b"421 4.4.2")  # bounded by the socket timeout
+        assert c.closed()
+    wait_until(lambda: relay.relay.listener_state.connections == 0, 10, "connection released")
+
+
+def test_data_timeout_applies_during_data(relay_factory: RelayFactory, m365: SimulatedM365) -> None:
+    relay = relay_factory(limits={"idle_timeout": 30, "data_timeout": 0.3})
+    with RawSMTP(relay.port, timeout=10) as c:
+        c.ehlo()
+        c.login()
+        c.expect(f"MAIL FROM:<{STANDARD_MAILBOX}>", 250)
+        c.expect(f"RCPT TO:<{RCPT}>", 250)
+        c.expect("DATA", 354)
+        c.send(b"Subject: stalled\r\n\r\npartial")
+        assert c.reply().startswith(b"421 4.4.2")
+        assert c.closed()
+    wait_until(lambda: relay.relay.listener_state.connections == 0, 10, "connection released")
+    assert list(relay.relay.spool.list()) == []
+    assert m365.exchange.accepted == []
+
+
+@pytest.mark.parametrize("key", ["delay", "max_delay"])
+def test_tarpit_settings_exist(key: str) -> None:
+    from relay.config import AuthFailureSettings
+
+    assert getattr(AuthFailureSettings(), key) > 0
+
+
+def test_banned_address_refused_on_a_live_connection(relay: RelayThread) -> None:
+    """A ban taken on one connection also stops AUTH on another already open from that address."""
+    state = relay.relay.listener_state
+    other = RawSMTP(relay.port)
+    other.ehlo()
+    for _ in range(state.auth_limiter.max_failures):
+        state.auth_limiter.failed("127.0.0.1")
+    assert other.cmd(f"AUTH PLAIN {plain_blob()}").startswith(b"421 4.7.0")
+    assert other.closed()
+    other.close()
