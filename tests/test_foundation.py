@@ -265,3 +265,20 @@ def test_demo_runs_and_exits_0(tmp_path: Path) -> None:
     assert "token requests to Entra ID: 1" in proc.stdout
     delivered = list((tmp_path / "demo" / "m365" / "exchange-out").glob("*.eml"))
     assert len(delivered) == 3
+
+
+def test_example_config_validates_once_placeholders_are_filled(tmp_path: Path) -> None:
+    example = (Path(__file__).resolve().parent.parent / "config.example.yaml").read_text()
+    filled = (example.replace("<TENANT_ID>", "11111111-1111-1111-1111-111111111111")
+              .replace("<CLIENT_ID>", "22222222-2222-2222-2222-222222222222")
+              .replace("<MAILBOX>", "noreply@contoso.com")
+              .replace("/run/secrets/client_secret", str(tmp_path / "secret")))
+    (tmp_path / "secret").write_text("a-secret-value\n")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(filled)
+    from relay.config import load_settings
+
+    settings = load_settings(cfg)
+    assert settings.apps[0].client_secret is not None
+    assert settings.apps[0].client_secret.get_secret_value() == "a-secret-value"
+    assert settings.limits.max_message_size == 35 * 1024 * 1024
