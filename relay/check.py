@@ -28,7 +28,7 @@ import aiosmtplib
 import requests
 
 from relay.classify import Stage, classify_exception, classify_reply
-from relay.config import AppSettings, Settings, load_settings
+from relay.config import AppSettings, Settings, load_settings, load_warnings
 from relay.errors import ConfigError, TokenError
 from relay.exchange_setup import admin_consent_url
 from relay.hints import STEPS, TLS_VERIFY_HINT, hint_for_aadsts, parse_aadsts
@@ -439,6 +439,10 @@ def run_check(args: argparse.Namespace) -> int:
         return 2
     summary = f"{len(settings.apps)} app(s), {len(settings.mailboxes)} mailbox(es), {len(settings.users)} user(s)"
     checks.add(f"configuration {args.config}", True, summary, kind="config")
+    for warning in load_warnings:
+        # An inline secret in a file others can read is a leak waiting to happen: fail the check.
+        checks.add("configuration file permissions", False, warning,
+                   "chmod 600 the file, or move the secret to a *_file or ${ENV} reference.", kind="config")
     if not getattr(args, "offline", False):
         asyncio.run(check_online(settings, checks, getattr(args, "send_to", None)))
     _output(args, checks)
