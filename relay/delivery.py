@@ -4,15 +4,19 @@ The spool is the truth: every decision is written there before it counts, so the
 any line and the next start carries on. In memory we only keep what may be lost: pacing windows,
 holds and pauses (recomputed by probing), and the tasks in flight.
 
-- **Pacing**: at most ``per_minute`` submissions per mailbox in any 60 s window (Exchange allows 30),
-  and at most ``connections`` sessions per mailbox (the upstream pool enforces that).
+- **Pacing**: at most ``per_minute`` submissions per mailbox in any 60 s window as Exchange counts
+  them (it allows 30), and at most ``connections`` attempts per mailbox at once (Exchange allows 3).
+  Messages beyond that are simply not claimed: a burst waits in the spool, not in memory.
 - **Holds**: a configuration problem (535 5.7.3, 5.7.139, AADSTS invalid secret...) holds the mailbox
   or the whole app: nothing is attempted (so nothing bounces and Exchange does not throttle us for
-  repeated errors); a cheap probe (token + AUTH, no message) runs every ``probe`` interval and lifts
-  the hold as soon as the admin's fix works.
+  repeated errors); a cheap probe (token + AUTH, no message) runs every ``probe_interval`` (growing up
+  to ten times that while the problem lasts) and lifts the hold as soon as the admin's fix works; the
+  held messages are then due at once.
 - **Pauses**: transient trouble that concerns everything behind an app or mailbox (token endpoint down,
-  432 concurrent-connection limit, sender throttled) pauses it for a backoff instead of letting every
-  queued message fail one by one.
+  432 concurrent-connection limit, submission rate or daily quota, sender throttled) pauses it for a
+  while instead of letting every queued message fail one by one.
+- **Time** comes from an injected ``clock`` and the scheduler waits through an injected ``sleep``, so
+  tests drive backoff, pacing and expiry with a fake clock instead of real waiting.
 """
 
 from __future__ import annotations
@@ -22,57 +26,101 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from relay.classify import Action, Scope, Verdict
 from relay.config import Settings
-from relay.envelope import Route
+from relay.envelope import Envelope, Route
 from relay.observability import Metrics
-from relay.spool import Entry, Spool
-from relay.upstream import Outcome, Submitter
+from relay.spool import Entry, Spool, State
+from relay.upstream import Outcome
 
 log = logging.getLogger("relay.delivery")
 
-_PROBE_FIRST = 30.0
-_PROBE_MAX = 600.0
-_PAUSE_FIRST = 15.0
-_PAUSE_MAX = 600.0
+#: Seconds between probes of a hold when neither the constructor nor ``delivery.probe_interval`` says.
+DEFAULT_PROBE_INTERVAL = 30.0
+#: While a hold lasts its probe interval doubles, up to this many times the first one (30 s -> 300 s).
+PROBE_BACKOFF_LIMIT = 10.0
+#: Longest pause of an app or mailbox for transient trouble (its messages keep their own backoff).
+PAUSE_MAX = 600.0
+#: How often queued messages are checked against ``delivery.max_age`` (also those never attempted,
+#: e.g. behind a hold that nobody fixes).
+EXPIRY_SWEEP_INTERVAL = 60.0
+#: Retry delay after a local error (e.g. the body could not be read).
+LOCAL_ERROR_RETRY = 60.0
+#: The scheduler looks at the spool at least this often: the queue CLI (another process) may have made
+#: something due without telling us.
+POLL_INTERVAL = 1.0
 
-
-#: Pacing window. Exchange counts submissions when it accepts them, we when we start them; one extra
-#: second keeps a message that took a while to submit from landing inside Exchange's previous minute.
+#: Pacing window. Exchange counts a submission when it accepts it; we count it from the moment it
+#: starts until it ends (see :class:`Pacer`), plus one second of margin for clocks and rounding.
 PACING_WINDOW = 61.0
+
+Sleep = Callable[[float], Awaitable[Any]]
+
+
+class SubmitsMessages(Protocol):
+    """What the scheduler needs from :class:`relay.upstream.Submitter` (tests pass a fake)."""
+
+    async def submit(self, route: Route, envelope: Envelope, body: bytes | Path,
+                     recipients: tuple[str, ...] | None = None) -> Outcome: ...
 
 
 class Pacer:
-    """At most ``per_minute`` events in any :data:`PACING_WINDOW` (0 = unlimited). Injectable clock."""
+    """At most ``per_minute`` submissions in any :data:`PACING_WINDOW` (0 = unlimited). Injectable clock.
+
+    :meth:`take` reserves a slot when a submission starts; :meth:`done` stamps it with the time it
+    ended. A slot in flight counts as "now" until it ends, so a slow submission (queued behind the
+    connection limit, or a big message) can never make two batches land in one Exchange minute:
+    Exchange counts at acceptance, which lies between our start and our end.
+    """
 
     def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
         self.per_minute = per_minute
         self._clock = clock
-        self._sent: deque[float] = deque()
+        self._slots: dict[int, float | None] = {}  # slot -> end time (None: in flight)
+        self._next = 1
+
+    def _expire(self, now: float) -> None:
+        for slot, ended in list(self._slots.items()):
+            if ended is not None and ended <= now - PACING_WINDOW:
+                del self._slots[slot]
+
+    def available(self) -> int:
+        """How many submissions may start now."""
+        if self.per_minute <= 0:
+            return 1 << 30
+        self._expire(self._clock())
+        return max(self.per_minute - len(self._slots), 0)
 
     def delay(self) -> float:
-        """Seconds until a submission may start (0 = now)."""
-        if self.per_minute <= 0:
+        """Seconds until a submission may start (0 = now). A full window of slots still in flight
+        gives :data:`PACING_WINDOW` (the end of one of them wakes the scheduler anyway)."""
+        if self.available() > 0:
             return 0.0
-        now = self._clock()
-        while self._sent and self._sent[0] <= now - PACING_WINDOW:
-            self._sent.popleft()
-        if len(self._sent) < self.per_minute:
-            return 0.0
-        return self._sent[0] + PACING_WINDOW - now
+        ended = [e for e in self._slots.values() if e is not None]
+        if not ended:
+            return PACING_WINDOW
+        return max(min(ended) + PACING_WINDOW - self._clock(), 0.0)
 
-    def take(self) -> bool:
-        """Reserve a slot now if one is free."""
-        if self.delay() > 0:
-            return False
-        if self.per_minute > 0:
-            self._sent.append(self._clock())
-        return True
+    def take(self) -> int | None:
+        """Reserve a slot now if one is free; the slot to pass to :meth:`done`, or None."""
+        if self.available() <= 0:
+            return None
+        if self.per_minute <= 0:
+            return 0
+        slot = self._next
+        self._next += 1
+        self._slots[slot] = None
+        return slot
+
+    def done(self, slot: int | None) -> None:
+        """The submission of ``slot`` ended (whatever the outcome): its minute starts counting down."""
+        if slot and slot in self._slots and self._slots[slot] is None:
+            self._slots[slot] = self._clock()
 
 
 @dataclass
@@ -90,10 +138,37 @@ class Block:
     interval: float
 
 
+@dataclass
+class _Waiter:
+    """The listener's client waiting for a sync attempt. ``committed``: the attempt has decided to hand
+    the client Exchange's permanent refusal and keep nothing, so the client must get that answer."""
+
+    waiting: bool = True
+    committed: bool = False
+
+
+@dataclass
+class _Flight:
+    task: asyncio.Task[Any]
+    mailbox: str
+    slot: int | None = None
+
+
 def backoff(attempts: int, first: float, maximum: float, factor: float, rng: random.Random) -> float:
-    """Exponential backoff with +-20 % jitter: first, first*factor, ... capped at maximum."""
-    base = min(first * factor ** max(attempts - 1, 0), maximum)
-    return base * rng.uniform(0.8, 1.2)
+    """Exponential backoff with jitter: about first, first*factor, ... never more than ``maximum``.
+
+    Jitter is +-20 % below the cap and 0..-20 % at the cap, so retries of a burst spread out instead of
+    coming back together, and ``maximum`` really is the longest wait.
+    """
+    exponent = min(max(attempts - 1, 0), 64)
+    base = first * factor**exponent
+    if base >= maximum:
+        return maximum * rng.uniform(0.8, 1.0)
+    return min(base * rng.uniform(0.8, 1.2), maximum)
+
+
+def _key(mailbox: str) -> str:
+    return mailbox.lower()
 
 
 class Delivery:
@@ -103,12 +178,14 @@ class Delivery:
         self,
         settings: Settings,
         spool: Spool,
-        submitter: Submitter,
+        submitter: SubmitsMessages,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
+        sleep: Sleep | None = None,
         rng: random.Random | None = None,
         probe: Callable[[Route], Awaitable[Verdict]] | None = None,
+        probe_interval: float | None = None,
         max_workers: int = 32,
     ) -> None:
         self.settings = settings
@@ -116,28 +193,60 @@ class Delivery:
         self.submitter = submitter
         self.metrics = metrics
         self.clock = clock
+        self.sleep: Sleep = sleep or asyncio.sleep
         self.rng = rng or random.Random()
         self.max_workers = max_workers
         self.probe: Callable[[Route], Awaitable[Verdict]] | None = probe
+        self._probe_interval = probe_interval
         self.blocks: dict[tuple[str, str], Block] = {}
         self._pacers: dict[str, Pacer] = {}
-        self._inflight: dict[str, asyncio.Task[Any]] = {}
+        self._inflight: dict[str, _Flight] = {}
+        self._busy: dict[str, int] = {}
+        self._probes: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._aux: set[asyncio.Task[Any]] = set()
+        #: Outcomes the spool could not take (disk full...): written again each round until it does,
+        #: so a message Exchange accepted is not sent again. Those messages stay ACTIVE meanwhile.
+        self._unrecorded: dict[str, tuple[Entry, Outcome]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
-        self.on_dead: Callable[[Entry, str], asyncio.Future[None] | None] | None = None
+        self._running = False
+        self._run_done = asyncio.Event()
+        self._next_sweep = 0.0
+        self.on_dead: Callable[[Entry, str], Awaitable[None] | None] | None = None
 
     # ------------------------------------------------------------------ helpers
 
+    @property
+    def probe_interval(self) -> float:
+        """First probe interval of a hold: the constructor's, else ``delivery.probe_interval``."""
+        if self._probe_interval is not None:
+            return self._probe_interval
+        return float(getattr(self.settings.delivery, "probe_interval", DEFAULT_PROBE_INTERVAL))
+
+    @probe_interval.setter
+    def probe_interval(self, seconds: float | None) -> None:
+        self._probe_interval = seconds
+
     def pacer(self, mailbox: str) -> Pacer:
-        pacer = self._pacers.get(mailbox)
+        key = _key(mailbox)
+        mbx = self.settings.mailbox(key)
+        per_minute = self.settings.mailbox_per_minute(mbx) if mbx else self.settings.delivery.per_mailbox.per_minute
+        pacer = self._pacers.get(key)
         if pacer is None:
-            mbx = self.settings.mailbox(mailbox)
-            per_minute = self.settings.mailbox_per_minute(mbx) if mbx else self.settings.delivery.per_mailbox.per_minute
-            pacer = self._pacers[mailbox] = Pacer(per_minute, self.clock)
+            pacer = self._pacers[key] = Pacer(per_minute, self.clock)
+        pacer.per_minute = per_minute  # follows a configuration reload; the window's history stays
         return pacer
 
+    def connections(self, mailbox: str) -> int:
+        mbx = self.settings.mailbox(mailbox)
+        return self.settings.mailbox_connections(mbx) if mbx else self.settings.delivery.per_mailbox.connections
+
+    def busy(self, mailbox: str) -> int:
+        """Attempts in flight for a mailbox (sync and scheduled)."""
+        return self._busy.get(_key(mailbox), 0)
+
     def blocked(self, route: Route) -> Block | None:
-        for key in (("app", route.app), ("mailbox", route.mailbox)):
+        for key in (("app", route.app), ("mailbox", _key(route.mailbox))):
             block = self.blocks.get(key)
             if block is not None:
                 if block.kind == "pause" and self.clock() >= block.until:
@@ -149,16 +258,40 @@ class Delivery:
     def holds(self) -> list[Block]:
         return [b for b in self.blocks.values() if b.kind == "hold"]
 
-    def _track(self, queue_id: str, task: asyncio.Task[Any]) -> None:
-        self._inflight[queue_id] = task
+    def in_flight(self) -> int:
+        return len(self._inflight)
 
-        def forget(_: asyncio.Task[Any]) -> None:
-            self._inflight.pop(queue_id, None)
-
-        task.add_done_callback(forget)
+    def idle(self) -> bool:
+        """Nothing in flight, no probe running, no wake-up pending (tests driving a fake clock)."""
+        return not (self._inflight or self._probes or self._aux or self._unrecorded or self._wake.is_set())
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._aux.add(task)
+        task.add_done_callback(self._aux.discard)
+
+    def _launch(self, entry: Entry, coro: Awaitable[str], slot: int | None, *, counts: bool) -> asyncio.Task[str]:
+        """Start ``coro`` for ``entry``: tracked (for stop) and, when ``counts``, holding a connection
+        of its mailbox and a pacing ``slot`` until it ends, however it ends."""
+        mailbox = _key(entry.route.mailbox)
+        task: asyncio.Task[str] = asyncio.ensure_future(coro)
+        self._inflight[entry.id] = _Flight(task, mailbox, slot)
+        if counts:
+            self._busy[mailbox] = self._busy.get(mailbox, 0) + 1
+
+        def finished(_: asyncio.Task[str]) -> None:
+            if self._inflight.get(entry.id) is not None and self._inflight[entry.id].task is task:
+                del self._inflight[entry.id]
+            if counts:
+                self._busy[mailbox] = max(self._busy.get(mailbox, 1) - 1, 0)
+                self.pacer(mailbox).done(slot)
+            self.wake()
+
+        task.add_done_callback(finished)
+        return task
 
     # ------------------------------------------------------------------ the sync path
 
@@ -166,17 +299,33 @@ class Delivery:
         """The listener's immediate attempt for a message stored as ACTIVE. Returns the SMTP reply.
 
         If Exchange has not answered within ``wait`` seconds the attempt goes on in the background
-        and the client hears ``250 queued``; the outcome is recorded when it comes.
+        and the client hears ``250 queued``; the outcome is recorded when it comes (a permanent
+        refusal then makes a dead letter: the client was told the message is ours).
         """
         route = entry.route
-        if wait <= 0 or self.blocked(route) is not None or not self.pacer(route.mailbox).take():
+        slot: int | None = None
+        if wait > 0 and not self._stopping and self.blocked(route) is None:
+            slot = self.pacer(route.mailbox).take()
+        if slot is None:
             await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock())
             self.wake()
             return self.queued_reply(entry)
-        task = asyncio.get_running_loop().create_task(self._attempt(entry, sync=True))
-        done, _ = await asyncio.wait({task}, timeout=wait)
-        if not done:
-            self._track(entry.id, task)
+        waiter = _Waiter()
+        task = self._launch(entry, self._deliver(entry, waiter), slot, counts=True)
+        try:
+            await asyncio.wait({task}, timeout=wait)
+        finally:
+            if not task.done() and not waiter.committed:
+                waiter.waiting = False  # too late (or the client went away): it is the queue's now
+        if not task.done():
+            if not waiter.committed:
+                return self.queued_reply(entry)
+            # The attempt is writing down the refusal it owes the client: a short local step.
+            await asyncio.wait({task}, timeout=30)
+            if not task.done():
+                # Never "250 queued" for a message that is being dropped: let the client try again.
+                return "451 4.3.0 Local delay, try again later"
+        if task.cancelled():
             return self.queued_reply(entry)
         return task.result()
 
@@ -186,68 +335,117 @@ class Delivery:
 
     # ------------------------------------------------------------------ one attempt
 
-    async def _attempt(self, entry: Entry, *, sync: bool) -> str:
-        body = await asyncio.to_thread(self.spool.body_path(entry.id).read_bytes)
-        outcome = await self.submitter.submit(entry.route, entry.envelope, body, entry.pending_recipients)
-        return await self._record(entry, outcome, sync=sync)
+    async def _deliver(self, entry: Entry, waiter: _Waiter | None = None) -> str:
+        """One attempt and its bookkeeping. Never raises but for cancellation (stop): a message whose
+        attempt was cancelled stays ACTIVE and is due again at the next start (spool recovery)."""
+        outcome: Outcome | None = None
+        try:
+            # The path, not the bytes: upstream streams the body from the spool file.
+            body = self.spool.body_path(entry.id)
+            outcome = await self.submitter.submit(entry.route, entry.envelope, body, entry.pending_recipients)
+            return await self._record(entry, outcome, waiter)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never let one message stop the scheduler; it stays in the spool
+            log.error("delivery attempt crashed: %s", type(exc).__name__,
+                      extra={"event": "attempt_error", "queue_id": entry.id, "error_type": type(exc).__name__})
+            if outcome is not None:
+                # Exchange has answered but the spool did not take the answer: keep it and write it
+                # again next round (forgetting a 250 would send the message twice).
+                self._unrecorded[entry.id] = (entry, outcome)
+                return self.queued_reply(entry)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.spool.defer, entry.id, next_attempt_at=self.clock() + LOCAL_ERROR_RETRY,
+                                        reply=f"local error: {type(exc).__name__}", reason="local_error")
+            return self.queued_reply(entry)
 
-    async def _record(self, entry: Entry, outcome: Outcome, *, sync: bool) -> str:
+    async def _record(self, entry: Entry, outcome: Outcome, waiter: _Waiter | None) -> str:
         verdict = outcome.verdict
         now = self.clock()
         self.metrics.attempt(entry.route.mailbox, verdict.reason, outcome.duration)
         failed = {r: v.reply for r, v in outcome.failed.items()}
         delivered = outcome.delivered
-        done = set(entry.recipients_done) | set(delivered) | set(failed) | set(entry.recipients_failed)
-        all_done = all(r in done for r in entry.envelope.rcpt_tos)
+        all_failed = {**entry.recipients_failed, **failed}
+        done = set(entry.recipients_done) | set(delivered) | set(all_failed)
+        pending = [r for r in entry.envelope.rcpt_tos if r not in done]
         base = {"queue_id": entry.id, "message_id": entry.message_id, "mailbox": entry.route.mailbox,
                 "recipients": len(entry.envelope.rcpt_tos), "attempt": entry.attempts + 1,
                 "duration_ms": round(outcome.duration * 1000), "reply": verdict.reply}
 
-        if delivered and all_done:
-            await asyncio.to_thread(self.spool.mark_delivered, entry.id, verdict.reply)
+        if not pending and (delivered or entry.recipients_done):
+            # Every recipient has its answer and Exchange took the message for some of them.
             self.metrics.delivered(entry.route.mailbox)
             log.info("delivered", extra={"event": "delivered", **base, "upstream_id": outcome.upstream_id,
-                                         "failed_recipients": len(failed)})
-            if failed:
+                                         "failed_recipients": len(all_failed)})
+            if all_failed:
+                # Keep the refused part as a dead letter: an admin sees who did not get it (and a DSN
+                # can go out); ``queue requeue`` sends it to those recipients only.
                 self._report_failed_recipients(entry, failed)
+                first = next(iter(all_failed.values()))
+                await self._kill(entry, "recipients_refused",
+                                 f"refused for {len(all_failed)} of {len(entry.envelope.rcpt_tos)} recipient(s): "
+                                 f"{first}", first, delivered=delivered, failed=failed)
+            else:
+                await asyncio.to_thread(self.spool.mark_delivered, entry.id, verdict.reply)
             return f"250 2.0.0 Ok: delivered as {outcome.upstream_id or entry.id} (queue id {entry.id})"
 
-        if verdict.action is Action.FAILED and not outcome.deferred and not delivered:
-            reason = f"{verdict.reason}: {verdict.reply}"
+        if verdict.action is Action.FAILED and not outcome.deferred:
             self.metrics.failed(verdict.reason)
             log.warning("refused permanently by Exchange", extra={"event": "failed", **base,
                                                                   "reason": verdict.reason, "hint": verdict.hint})
-            if sync and not entry.recipients_done:
+            self._report_failed_recipients(entry, failed)
+            untouched = not entry.recipients_done and not entry.recipients_failed
+            if waiter is not None and waiter.waiting and untouched:
                 # The client is still waiting: pass Exchange's refusal back and keep nothing.
+                waiter.committed = True
                 await asyncio.to_thread(self.spool.delete_active, entry.id)
                 return _as_reply(verdict)
-            await self._kill(entry, reason, verdict.reply)
-            return _as_reply(verdict)
+            await self._kill(entry, verdict.reason, f"{verdict.reason}: {verdict.reply}", verdict.reply,
+                             delivered=delivered, failed=failed)
+            return _as_reply(verdict) if waiter is not None and waiter.waiting else self.queued_reply(entry)
 
         # Something to try again: for all pending recipients, or only the deferred ones.
         if verdict.action is Action.HOLD:
             self._block("hold", verdict, entry.route)
-        elif verdict.reason in {"token_unavailable", "throttled_connections", "sender_throttled",
-                                "rate_limited"}:
+        elif verdict.action is Action.RETRY and verdict.scope in (Scope.MAILBOX, Scope.APP):
             self._block("pause", verdict, entry.route)
-        if now - entry.created_at >= self.settings.delivery.max_age:
-            await self._kill(entry, f"expired after {entry.attempts + 1} attempts: {verdict.reply}",
+        max_age = self.settings.delivery.max_age
+        if now - entry.created_at >= max_age:
+            await self._kill(entry, "expired", f"expired after {entry.attempts + 1} attempts: {verdict.reply}",
                              verdict.reply, delivered=delivered, failed=failed)
             return self.queued_reply(entry)
-        delay = verdict.retry_after
-        if delay is None:
-            retry = self.settings.delivery.retry
-            delay = backoff(entry.attempts + 1, retry.first, retry.max, retry.factor, self.rng)
+        delay = self._retry_delay(entry, verdict)
+        # The last attempt happens when the message expires, not after.
+        delay = max(min(delay, entry.created_at + max_age - now), 0.0)
+        partial = delivered or failed
+        if verdict.action is Action.DELIVERED:
+            reason = f"partial: {len(pending)} recipient(s) pending"
+        else:
+            reason = f"{verdict.reason}: {verdict.hint}" if verdict.hint else verdict.reason
         await asyncio.to_thread(self.spool.defer, entry.id, next_attempt_at=now + delay, reply=verdict.reply,
-                                delivered=delivered, failed=failed,
-                                reason=verdict.hint if verdict.action is Action.HOLD else verdict.reason)
+                                delivered=delivered, failed=failed, reason=reason)
+        if partial:
+            self._report_failed_recipients(entry, failed)
         self.metrics.deferred(verdict.reason)
-        level = logging.ERROR if verdict.action is Action.HOLD else logging.INFO
-        log.log(level, "held: configuration problem" if verdict.action is Action.HOLD else "deferred",
-                extra={"event": "held" if verdict.action is Action.HOLD else "deferred", **base,
-                       "reason": verdict.reason, "retry_in": round(delay), "hint": verdict.hint})
+        held = verdict.action is Action.HOLD
+        log.log(logging.ERROR if held else logging.INFO, "held: configuration problem" if held else "deferred",
+                extra={"event": "held" if held else "deferred", **base, "reason": verdict.reason,
+                       "retry_in": round(delay, 1), "hint": verdict.hint, "delivered_now": len(delivered)})
         self.wake()
         return self.queued_reply(entry)
+
+    def _retry_delay(self, entry: Entry, verdict: Verdict) -> float:
+        """What the classifier dictates (never more than ``delivery.retry.max``), else the backoff.
+
+        A "retry at once" (5.5.127 token expiring) that follows the same reason backs off instead:
+        a fresh token did not help, so hammering Exchange will not either.
+        """
+        retry = self.settings.delivery.retry
+        after = verdict.retry_after
+        previous_reason = entry.reason.split(":", 1)[0]
+        if after is not None and not (after <= 0 and previous_reason == verdict.reason):
+            return min(after, retry.max)
+        return backoff(entry.attempts + 1, retry.first, retry.max, retry.factor, self.rng)
 
     def _report_failed_recipients(self, entry: Entry, failed: dict[str, str]) -> None:
         for rcpt, reply in failed.items():
@@ -255,154 +453,308 @@ class Delivery:
                 "event": "recipient_failed", "queue_id": entry.id, "message_id": entry.message_id,
                 "recipient": rcpt, "reply": reply})
 
-    async def _kill(self, entry: Entry, reason: str, reply: str, *, delivered: tuple[str, ...] = (),
+    async def _kill(self, entry: Entry, kind: str, reason: str, reply: str, *, delivered: tuple[str, ...] = (),
                     failed: dict[str, str] | None = None) -> None:
+        """Move to dead letters. ``kind`` is a short token (metrics label), ``reason`` the whole story."""
         dead = await asyncio.to_thread(self.spool.kill, entry.id, reason, reply, delivered=delivered,
                                        failed=failed or {})
-        self.metrics.dead(reason.split(":", 1)[0])
+        self.metrics.dead(kind)
         log.error("moved to dead letters", extra={"event": "dead_letter", "queue_id": entry.id,
                                                   "message_id": entry.message_id, "reason": reason})
         if self.on_dead is not None:
-            result = self.on_dead(dead, reason)
-            if result is not None:
-                await result
+            try:
+                result = self.on_dead(dead, reason)
+                if result is not None:
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the dead letter is recorded; a failed notice must not undo that
+                log.error("dead-letter notice failed: %s", type(exc).__name__,
+                          extra={"event": "dead_letter_notice_failed", "queue_id": entry.id})
+
+    # ------------------------------------------------------------------ holds and pauses
 
     def _block(self, kind: str, verdict: Verdict, route: Route) -> None:
+        """Hold or pause the verdict's scope. A block already in force keeps its timing: ten messages
+        failing at once for one reason are one event, not ten."""
         scope = "app" if verdict.scope is Scope.APP else "mailbox"
-        name = route.app if scope == "app" else route.mailbox
+        name = route.app if scope == "app" else _key(route.mailbox)
         key = (scope, name)
         now = self.clock()
         previous = self.blocks.get(key)
+        if previous is not None and previous.kind == "pause" and now >= previous.until:
+            previous = None
         if kind == "hold":
-            interval = _PROBE_FIRST if previous is None else min(previous.interval * 2, _PROBE_MAX)
+            if previous is not None and previous.kind == "hold":
+                interval, until = previous.interval, previous.until
+            else:
+                interval = self.probe_interval
+                until = now + interval
         else:
-            first = verdict.retry_after or _PAUSE_FIRST
-            interval = first if previous is None else min(max(previous.interval * 2, first), _PAUSE_MAX)
+            if previous is not None and previous.kind == "hold":
+                return  # a hold outranks a pause; its probe finds out when things work again
+            retry = self.settings.delivery.retry
+            interval = min(verdict.retry_after or retry.first, retry.max, PAUSE_MAX)
+            until = now + interval if previous is None else max(previous.until, now + interval)
         if previous is None or previous.kind != kind:
             level = logging.ERROR if kind == "hold" else logging.WARNING
             log.log(level, f"{scope} {name} {'on hold' if kind == 'hold' else 'paused'}: {verdict.reason}", extra={
                 "event": f"{scope}_{kind}", scope: name, "reason": verdict.reason, "reply": verdict.reply,
-                "hint": verdict.hint})
+                "hint": verdict.hint, "seconds": round(interval, 1)})
         self.blocks[key] = Block(kind=kind, scope=scope, name=name, reason=verdict.reason, reply=verdict.reply,
                                  hint=verdict.hint, since=previous.since if previous else now,
-                                 until=now + interval, interval=interval)
+                                 until=until, interval=interval)
         self.metrics.set_holds(len(self.holds()))
 
     def release(self, scope: str, name: str) -> None:
+        """Lift a hold or pause; the messages waiting behind it are due at once."""
+        if scope == "mailbox":
+            name = _key(name)
         block = self.blocks.pop((scope, name), None)
-        if block is not None:
-            log.info(f"{scope} {name} released", extra={"event": f"{scope}_released", scope: name,
-                                                        "held_seconds": round(self.clock() - block.since)})
-            self.metrics.set_holds(len(self.holds()))
-            self.wake()
-
-    async def _probe_holds(self) -> None:
-        """Probe each hold whose probe is due; lift it when the probe passes."""
-        if self.probe is None:
+        if block is None:
             return
+        log.info(f"{scope} {name} released", extra={"event": f"{scope}_released", scope: name,
+                                                    "held_seconds": round(self.clock() - block.since)})
+        self.metrics.set_holds(len(self.holds()))
+        self._spawn(self._make_due(scope, name))
+
+    async def _make_due(self, scope: str, name: str) -> None:
+        def run() -> int:
+            n = 0
+            for entry in self.spool.list([State.QUEUED]):
+                match = entry.route.app == name if scope == "app" else _key(entry.route.mailbox) == name
+                if match and entry.next_attempt_at > self.clock():
+                    n += self.spool.retry(entry.id)
+            return n
+
+        try:
+            await asyncio.to_thread(run)
+        except Exception as exc:  # they come due by their own backoff anyway
+            log.warning("could not make held messages due: %s", type(exc).__name__,
+                        extra={"event": "release_error", "error_type": type(exc).__name__})
+        self.wake()
+
+    def _probe_holds(self) -> None:
+        """Start a probe for each hold whose probe is due (in the background: a probe may take as long
+        as a connection timeout, and other mailboxes must not wait for it)."""
+        now = self.clock()
         for key, block in list(self.blocks.items()):
-            if block.kind != "hold" or self.clock() < block.until:
+            if block.kind != "hold" or now < block.until or key in self._probes:
+                continue
+            if self.probe is None:
+                # No probe: lift the hold on time; the next message due is the probe (it holds again
+                # if the problem is still there).
+                del self.blocks[key]
+                self.metrics.set_holds(len(self.holds()))
                 continue
             route = self._route_for(block)
-            if route is None:
-                self.blocks.pop(key, None)
+            if route is None:  # that app or mailbox is no longer configured
+                del self.blocks[key]
                 continue
+            task = asyncio.ensure_future(self._run_probe(key, route))
+            self._probes[key] = task
+
+    async def _run_probe(self, key: tuple[str, str], route: Route) -> None:
+        assert self.probe is not None
+        try:
             verdict = await self.probe(route)
-            if verdict.action is Action.DELIVERED:
-                self.release(block.scope, block.name)
-            else:
-                self._block("hold", verdict, route)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            verdict = Verdict(Action.RETRY, "probe_error", f"probe failed: {type(exc).__name__}", Scope.MESSAGE)
+        finally:
+            self._probes.pop(key, None)
+        block = self.blocks.get(key)
+        if block is None or block.kind != "hold":
+            return
+        if verdict.action is Action.DELIVERED:
+            self.release(block.scope, block.name)
+            return
+        now = self.clock()
+        block.interval = min(block.interval * 2, self.probe_interval * PROBE_BACKOFF_LIMIT)
+        block.until = now + block.interval
+        if verdict.action is Action.HOLD:
+            block.reason, block.reply, block.hint = verdict.reason, verdict.reply, verdict.hint or block.hint
+        log.info("hold probe: still failing", extra={"event": "probe_failed", block.scope: block.name,
+                                                     "reason": verdict.reason, "reply": verdict.reply,
+                                                     "next_probe_in": round(block.interval, 1)})
+        self.wake()
 
     def _route_for(self, block: Block) -> Route | None:
         for mbx in self.settings.mailboxes:
-            if (block.scope == "mailbox" and mbx.address == block.name) or (
+            if (block.scope == "mailbox" and _key(mbx.address) == block.name) or (
                     block.scope == "app" and mbx.app == block.name):
                 return Route(app=mbx.app, mailbox=mbx.address, sender=mbx.address)
         return None
 
+    # ------------------------------------------------------------------ expiry
+
+    async def _expire(self, now: float) -> None:
+        """Dead-letter queued messages older than ``max_age`` that no attempt expired (held, paused)."""
+        max_age = self.settings.delivery.max_age
+        entries = await asyncio.to_thread(self.spool.list, [State.QUEUED])
+        for entry in entries:
+            if now - entry.created_at < max_age or entry.id in self._inflight:
+                continue
+            why = entry.last_reply or entry.reason or "never attempted"
+            held = self.blocked(entry.route)
+            if held is not None:
+                why = f"{held.kind} of {held.scope} {held.name}: {held.reply or held.reason}"
+            await self._kill(entry, "expired",
+                             f"expired after {round(now - entry.created_at)} s and {entry.attempts} attempts: {why}",
+                             entry.last_reply)
+
     # ------------------------------------------------------------------ the scheduler
 
-    def _skip(self) -> set[str]:
-        """Mailboxes that cannot take a message right now (held, paused, paced, busy)."""
-        skip: set[str] = set()
+    def _plan(self) -> dict[str, int]:
+        """How many messages each configured mailbox can start now (not held or paused, a connection
+        free, a pacing slot free). Mailboxes with nothing to give are left out."""
+        plan: dict[str, int] = {}
         for mbx in self.settings.mailboxes:
-            route = Route(app=mbx.app, mailbox=mbx.address, sender=mbx.address)
-            if self.blocked(route) is not None or self.pacer(mbx.address).delay() > 0:
-                skip.add(mbx.address)
-        return skip
+            address = _key(mbx.address)
+            if self.blocked(Route(app=mbx.app, mailbox=address, sender=address)) is not None:
+                continue
+            room = min(self.connections(address) - self.busy(address), self.pacer(address).available())
+            if room > 0:
+                plan[address] = room
+        return plan
+
+    def _claim(self, now: float, free: int, plan: dict[str, int]) -> list[Entry]:
+        """(worker thread) Claim due messages mailbox by mailbox, each up to its room."""
+        configured = {_key(m.address) for m in self.settings.mailboxes}
+        out: list[Entry] = []
+        for mailbox, room in plan.items():
+            if free <= 0:
+                break
+            # Leaving out every other configured mailbox also picks up messages of mailboxes that are
+            # no longer configured; _start checks those one by one.
+            got = self.spool.claim_due(now, min(room, free), skip_mailboxes=configured - {mailbox})
+            out += got
+            free -= len(got)
+        return out
+
+    async def _record_again(self) -> None:
+        for id, (entry, outcome) in list(self._unrecorded.items()):
+            try:
+                await self._record(entry, outcome, None)
+            except Exception as exc:
+                log.warning("outcome still not recorded: %s", type(exc).__name__,
+                            extra={"event": "record_retry_failed", "queue_id": id, "error_type": type(exc).__name__})
+                return  # the spool is still unwell: try again next round
+            del self._unrecorded[id]
 
     async def tick(self) -> float:
         """One scheduling round. Returns how long the scheduler may sleep before the next round."""
-        await self._probe_holds()
+        if self._unrecorded:
+            await self._record_again()
+        self._probe_holds()
+        now = self.clock()
         free = self.max_workers - len(self._inflight)
-        if free > 0:
-            skip = self._skip()
-            entries = await asyncio.to_thread(self.spool.claim_due, self.clock(), free, skip_mailboxes=skip)
-            for entry in entries:
-                self._start(entry)
-        return self._next_wake()
+        if free > 0 and not self._stopping:
+            plan = self._plan()
+            if plan:
+                for entry in await asyncio.to_thread(self._claim, now, free, plan):
+                    self._start(entry)
+        # After claiming: a message due for its last attempt gets it; what could not go expires.
+        if now >= self._next_sweep:
+            self._next_sweep = now + EXPIRY_SWEEP_INTERVAL
+            await self._expire(now)
+        next_due = await asyncio.to_thread(self.spool.next_due_at)
+        return self._next_wake(next_due)
 
     def _start(self, entry: Entry) -> None:
         route = entry.route
-        block = self.blocked(route)
-        pacer = self.pacer(route.mailbox)
-        if block is not None or not pacer.take():
-            # Claimed but cannot go now (several due for one mailbox): back to the queue, untouched.
-            task = asyncio.get_running_loop().create_task(self._requeue(entry))
+        slot: int | None = None
+        if (not self._stopping and self.blocked(route) is None
+                and self.busy(route.mailbox) < self.connections(route.mailbox)):
+            slot = self.pacer(route.mailbox).take()
+        if slot is None:
+            # Claimed but cannot go now: back to the queue, untouched.
+            self._launch(entry, self._requeue(entry), None, counts=False)
         else:
-            task = asyncio.get_running_loop().create_task(self._run(entry))
-        self._track(entry.id, task)
+            self._launch(entry, self._deliver(entry), slot, counts=True)
 
-    async def _requeue(self, entry: Entry) -> None:
+    async def _requeue(self, entry: Entry) -> str:
         delay = self.pacer(entry.route.mailbox).delay()
         block = self.blocked(entry.route)
         if block is not None:
             delay = max(delay, block.until - self.clock())
         await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock() + max(delay, 0.0))
+        return self.queued_reply(entry)
 
-    async def _run(self, entry: Entry) -> None:
-        try:
-            await self._attempt(entry, sync=False)
-        except Exception as exc:  # never let one message stop the scheduler; it stays in the spool
-            log.error("delivery attempt crashed: %s", type(exc).__name__,
-                      extra={"event": "attempt_error", "queue_id": entry.id, "error_type": type(exc).__name__})
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.spool.defer, entry.id, next_attempt_at=self.clock() + 60.0,
-                                        reply=f"local error: {type(exc).__name__}")
-        finally:
-            self.wake()
-
-    def _next_wake(self) -> float:
+    def _next_wake(self, next_due: float | None) -> float:
         now = self.clock()
-        candidates = [1.0]
+        candidates = [POLL_INTERVAL, self._next_sweep - now]
         candidates += [b.until - now for b in self.blocks.values()]
+        if next_due is not None and next_due > now:
+            candidates.append(next_due - now)
+        candidates += [d for p in self._pacers.values() if (d := p.delay()) > 0]
         return max(min(candidates), 0.01)
 
     async def run(self) -> None:
         """The scheduler loop; returns when :meth:`stop` is called."""
-        while not self._stopping:
-            try:
-                sleep = await self.tick()
-            except Exception as exc:
-                log.error("scheduler round failed: %s", type(exc).__name__,
-                          extra={"event": "scheduler_error", "error_type": type(exc).__name__})
-                sleep = 5.0
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=sleep)
+        self._running = True
+        self._run_done.clear()
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                try:
+                    delay = await self.tick()
+                except Exception as exc:
+                    log.error("scheduler round failed: %s", type(exc).__name__,
+                              extra={"event": "scheduler_error", "error_type": type(exc).__name__})
+                    delay = 5.0
+                if self._stopping:
+                    break
+                await self._idle(delay)
+        finally:
+            self._running = False
+            self._run_done.set()
+
+    async def _idle(self, delay: float) -> None:
+        """Wait until woken or ``delay`` (by the injected sleep) has passed."""
+        if self._wake.is_set():
+            return
+        waiter = asyncio.ensure_future(self._wake.wait())
+        sleeper = asyncio.ensure_future(self.sleep(delay))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
+
+    async def wait_idle(self) -> None:
+        """Wait for the attempts in flight, running probes and background steps to end (tests that
+        drive :meth:`tick` themselves; bound it with ``asyncio.timeout``)."""
+        while self._inflight or self._probes or self._aux:
+            pending = [f.task for f in self._inflight.values()] + list(self._probes.values()) + list(self._aux)
+            await asyncio.wait(pending)
 
     async def stop(self, grace: float) -> None:
         """Stop scheduling; give in-flight attempts ``grace`` seconds, then abandon them (they stay
-        ACTIVE in the spool and are made due again at the next start)."""
+        ACTIVE in the spool and are made due again at the next start). Returns within about
+        ``grace`` + 5 seconds."""
+        started = time.monotonic()
         self._stopping = True
         self._wake.set()
-        tasks = list(self._inflight.values())
+        if self._running:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._run_done.wait(), timeout=max(grace, 0.1))
+        for task in [*self._probes.values(), *self._aux]:
+            task.cancel()
+        tasks = [f.task for f in self._inflight.values()]
         if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            left = max(grace - (time.monotonic() - started), 0.0)
+            _done, pending = await asyncio.wait(tasks, timeout=left) if left > 0 else (set(), set(tasks))
             for task in pending:
                 task.cancel()
             if pending:
+                log.warning("abandoned deliveries in flight; they stay in the spool",
+                            extra={"event": "abandoned", "count": len(pending)})
                 await asyncio.wait(pending, timeout=5)
+        leftovers = [*self._probes.values(), *self._aux]
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=1)
 
 
 def _as_reply(verdict: Verdict) -> str:
@@ -414,4 +766,3 @@ def _as_reply(verdict: Verdict) -> str:
     if not verdict.enhanced and not text[:1].isdigit():
         text = f"5.0.0 {text}"
     return f"{code} {text}"[:510]
-
