@@ -412,6 +412,10 @@ class DeliverySettings(_Model):
     retry: RetrySettings = RetrySettings()
     per_mailbox: PerMailboxSettings = PerMailboxSettings()
     idle_close: Duration = 60.0
+    #: first interval between AUTH probes of a held mailbox/app (doubles while it stays broken)
+    probe_interval: Duration = 30.0
+    #: on SIGTERM, how long in-flight deliveries may finish before they are abandoned (they stay spooled)
+    stop_grace: Duration = 10.0
     dsn: DsnSettings = DsnSettings()
 
 

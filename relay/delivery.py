@@ -40,8 +40,6 @@ from relay.upstream import Outcome
 
 log = logging.getLogger("relay.delivery")
 
-#: Seconds between probes of a hold when neither the constructor nor ``delivery.probe_interval`` says.
-DEFAULT_PROBE_INTERVAL = 30.0
 #: While a hold lasts its probe interval doubles, up to this many times the first one (30 s -> 300 s).
 PROBE_BACKOFF_LIMIT = 10.0
 #: Longest pause of an app or mailbox for transient trouble (its messages keep their own backoff).
@@ -221,7 +219,7 @@ class Delivery:
         """First probe interval of a hold: the constructor's, else ``delivery.probe_interval``."""
         if self._probe_interval is not None:
             return self._probe_interval
-        return float(getattr(self.settings.delivery, "probe_interval", DEFAULT_PROBE_INTERVAL))
+        return float(self.settings.delivery.probe_interval)
 
     @probe_interval.setter
     def probe_interval(self, seconds: float | None) -> None:

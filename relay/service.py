@@ -16,7 +16,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class Relay:
         *,
         config_path: str | None = None,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
@@ -87,7 +88,7 @@ class Relay:
         self.submitter = Submitter(self.pool, {a.name: a for a in settings.apps},
                                    {p.app.name: p for p in self.tokens}, self._connections_for)
         self.delivery = Delivery(settings, self.spool, self.submitter, self.metrics, clock=clock,
-                                 probe=self.probe)
+                                 sleep=sleep, probe=self.probe)
         self.delivery.on_dead = self.notify_dead
         self.listener_state = ListenerState(
             settings=settings,
@@ -189,8 +190,10 @@ class Relay:
             await provider.evict()
             token = await provider.get()
             stage = Stage.CONNECT
-            session = await self.pool.connect(provider.app, route.mailbox, token)
-            self.pool.release(session)
+            # A probe is a session like any other: it counts against the mailbox's connection limit.
+            async with self.pool.slots(route.mailbox, self._connections_for(route.mailbox)):
+                session = await self.pool.connect(provider.app, route.mailbox, token)
+                self.pool.release(session)
         except TokenError as exc:
             return classify_exception(exc, Stage.TOKEN)
         except aiosmtplib.SMTPResponseException as exc:
@@ -339,7 +342,7 @@ class Relay:
             await stop.wait()
         finally:
             log.info("stopping", extra={"event": "stopping"})
-            await self.stop()
+            await self.stop(grace=self.settings.delivery.stop_grace)
 
     async def _safe_reload(self) -> None:
         from relay.errors import ConfigError

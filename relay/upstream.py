@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 
@@ -29,6 +30,9 @@ from relay.config import AppSettings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
 from relay.tokens import Token, TokenProvider
+
+if TYPE_CHECKING:
+    from relay.graph import GraphSender
 
 log = logging.getLogger("relay.upstream")
 
@@ -188,11 +192,13 @@ class Submitter:
     """Submits one message (already routed) to Exchange and says what happened."""
 
     def __init__(self, pool: SessionPool, apps: dict[str, AppSettings], tokens: dict[str, TokenProvider],
-                 connections: Callable[[str], int]) -> None:
+                 connections: Callable[[str], int], graph: GraphSender | None = None) -> None:
         self._pool = pool
         self._apps = apps
         self._tokens = tokens
         self._connections = connections
+        #: Sends the mail of ``transport: graph`` mailboxes (relay.graph); None: every mailbox is SMTP.
+        self.graph = graph
 
     async def submit(self, route: Route, envelope: Envelope, body: bytes | Path,
                      recipients: tuple[str, ...] | None = None) -> Outcome:
@@ -202,8 +208,14 @@ class Submitter:
         chunks, so memory does not grow with message size times concurrency."""
         started = time.monotonic()
         rcpts = recipients if recipients is not None else envelope.rcpt_tos
+        # The same per-mailbox slots bound Graph requests (Graph allows 4 concurrent per app+mailbox).
         async with self._pool.slots(route.mailbox, self._connections(route.mailbox)):
-            outcome = await self._attempt(route, envelope, body, rcpts)
+            outcome = None
+            if self.graph is not None and self.graph.handles(route.mailbox):
+                # The transport is the mailbox's as configured now, not when the message arrived.
+                outcome = await self.graph.submit(route, envelope, body, rcpts)
+            if outcome is None:  # SMTP, or too big for Graph and the mailbox falls back to SMTP
+                outcome = await self._attempt(route, envelope, body, rcpts)
         outcome.duration = time.monotonic() - started
         return outcome
 
@@ -231,8 +243,13 @@ class Submitter:
                        rcpts: tuple[str, ...]) -> Outcome:
         stage = Stage.TOKEN
         session: _Session | None = None
+        failed: dict[str, Verdict] = {}  # permanently refused at RCPT: kept whatever happens next
         # Internationalised addresses go out as UTF-8 only under SMTPUTF8 (RFC 6531).
         encoding = "utf-8" if any(o.upper() == "SMTPUTF8" for o in envelope.mail_options) else "ascii"
+
+        def unresolved(verdict: Verdict) -> tuple[str, ...]:
+            return tuple(r for r in rcpts if r not in failed) if verdict.action is Action.RETRY else ()
+
         try:
             for reuse_attempt in range(2):
                 stage = Stage.CONNECT
@@ -250,7 +267,6 @@ class Submitter:
                         raise exc from None
             assert session is not None
             accepted: list[str] = []
-            failed: dict[str, Verdict] = {}
             deferred: list[str] = []
             stage = Stage.RCPT
             for rcpt in rcpts:
@@ -288,21 +304,31 @@ class Submitter:
         except aiosmtplib.SMTPResponseException as exc:
             verdict = classify_reply(exc.code, exc.message, stage)
             if session is not None:
-                if exc.code in (421,) or not session.smtp.is_connected:
+                if exc.code == 421 or verdict.evict_token or not session.smtp.is_connected:
+                    # The session is finished, or authenticated with a token Exchange no longer likes.
                     self._pool.discard(session)
                 else:
                     await _reset_or_discard(self._pool, session)
+                session = None
             if verdict.evict_token:
                 await self._tokens[route.app].evict()
-            return Outcome(verdict=verdict, deferred=rcpts if verdict.action is Action.RETRY else ())
+            return Outcome(verdict=verdict, failed=failed, deferred=unresolved(verdict))
         except TokenError as exc:
             verdict = classify_exception(exc, Stage.TOKEN)
-            return Outcome(verdict=verdict, deferred=rcpts if verdict.action is Action.RETRY else ())
-        except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            return Outcome(verdict=verdict, failed=failed, deferred=unresolved(verdict))
+        except asyncio.CancelledError:
+            # Stopping: the half-used session is closed, never returned to the pool.
             if session is not None:
                 self._pool.discard(session)
+            raise
+        except Exception as exc:  # network errors, and anything unexpected: never lose the message
+            if session is not None:
+                self._pool.discard(session)
+            if not isinstance(exc, TimeoutError | aiosmtplib.SMTPException | OSError | ssl.SSLError):
+                log.error("unexpected error talking to Exchange: %s", type(exc).__name__,
+                          extra={"event": "upstream_error", "error_type": type(exc).__name__, "stage": str(stage)})
             verdict = classify_exception(exc, stage)
-            return Outcome(verdict=verdict, deferred=rcpts if verdict.action is Action.RETRY else ())
+            return Outcome(verdict=verdict, failed=failed, deferred=unresolved(verdict))
 
 
 async def _reset_or_discard(pool: SessionPool, session: _Session) -> None:

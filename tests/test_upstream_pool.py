@@ -33,17 +33,47 @@ def test_sessions_are_reused_and_limited_per_mailbox(m365: SimulatedM365, relay_
 
 
 def test_no_blocking_call_on_the_event_loop(m365: SimulatedM365, relay_factory: RelayFactory,
+                                            monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    relay = relay_factory()
+    """The known blocking calls (password hashing, fsync, CA loading, sleeping, DNS) must never run
+    on the relay's event loop thread; asyncio debug mode also reports any step that took long."""
+    import hashlib
+    import os
+    import socket
+    import ssl
+    import threading
+    import time
+
+    relay = relay_factory(users=[{"name": "erp", "password_hash": __import__(
+        "relay.testing.harness", fromlist=["quick_hash"]).quick_hash("pw-1"), "may_send_as": []}])
+    loop_thread: list[int] = []
+    relay.loop.call_soon_threadsafe(lambda: loop_thread.append(threading.get_ident()))
+    relay.call(asyncio.sleep(0))
+    on_loop: list[str] = []
+
+    def guard(name: str, fn: object) -> object:
+        def wrapper(*args: object, **kwargs: object) -> object:
+            if threading.get_ident() in loop_thread:
+                on_loop.append(name)
+            return fn(*args, **kwargs)  # type: ignore[operator]
+        return wrapper
+
+    monkeypatch.setattr(hashlib, "scrypt", guard("hashlib.scrypt", hashlib.scrypt))
+    monkeypatch.setattr(os, "fsync", guard("os.fsync", os.fsync))
+    monkeypatch.setattr(time, "sleep", guard("time.sleep", time.sleep))
+    monkeypatch.setattr(socket, "getaddrinfo", guard("socket.getaddrinfo", socket.getaddrinfo))
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations",
+                        guard("SSLContext.load_verify_locations", ssl.SSLContext.load_verify_locations))
     loop = relay.loop
     loop.call_soon_threadsafe(loop.set_debug, True)
-    # A blocking call (a CA bundle load, a password hash, a file fsync) takes 50-150 ms; the margin
-    # absorbs a loaded CI machine.
-    loop.slow_callback_duration = 0.3
-    relay.call(asyncio.sleep(0))
+    loop.slow_callback_duration = 1.0
     caplog.set_level(logging.WARNING, logger="asyncio")
-    for n in range(20):
+    for n in range(10):
         _send(relay.port, n)
-    wait_until(lambda: len(m365.exchange.accepted) == 20, 30, "20 messages")
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as c:
+        c.login("erp", "pw-1")
+        c.sendmail(STANDARD_MAILBOX, ["x@fabrikam.example"], b"Subject: auth\r\n\r\nbody\r\n")
+    wait_until(lambda: len(m365.exchange.accepted) == 11, 30, "11 messages")
+    assert not on_loop, f"blocking calls on the event loop: {sorted(set(on_loop))}"
     slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
     assert not slow, slow
