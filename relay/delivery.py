@@ -305,7 +305,9 @@ class Delivery:
         if wait > 0 and not self._stopping and self.blocked(route) is None:
             slot = self.pacer(route.mailbox).take()
         if slot is None:
-            await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock())
+            block = self.blocked(route)
+            why = f"{block.kind} {block.scope} {block.name}: {block.reason}" if block is not None else None
+            await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock(), why)
             self.wake()
             return self.queued_reply(entry)
         waiter = _Waiter()
@@ -382,7 +384,7 @@ class Delivery:
                 first = next(iter(all_failed.values()))
                 await self._kill(entry, "recipients_refused",
                                  f"refused for {len(all_failed)} of {len(entry.envelope.rcpt_tos)} recipient(s): "
-                                 f"{first}", first, delivered=delivered, failed=failed)
+                                 f"{first}", first, delivered=delivered, failed=failed, attempted=True)
             else:
                 await asyncio.to_thread(self.spool.mark_delivered, entry.id, verdict.reply)
             return f"250 2.0.0 Ok: delivered as {outcome.upstream_id or entry.id} (queue id {entry.id})"
@@ -399,7 +401,7 @@ class Delivery:
                 await asyncio.to_thread(self.spool.delete_active, entry.id)
                 return _as_reply(verdict)
             await self._kill(entry, verdict.reason, f"{verdict.reason}: {verdict.reply}", verdict.reply,
-                             delivered=delivered, failed=failed)
+                             delivered=delivered, failed=failed, attempted=True)
             return _as_reply(verdict) if waiter is not None and waiter.waiting else self.queued_reply(entry)
 
         # Something to try again: for all pending recipients, or only the deferred ones.
@@ -410,7 +412,7 @@ class Delivery:
         max_age = self.settings.delivery.max_age
         if now - entry.created_at >= max_age:
             await self._kill(entry, "expired", f"expired after {entry.attempts + 1} attempts: {verdict.reply}",
-                             verdict.reply, delivered=delivered, failed=failed)
+                             verdict.reply, delivered=delivered, failed=failed, attempted=True)
             return self.queued_reply(entry)
         delay = self._retry_delay(entry, verdict)
         # The last attempt happens when the message expires, not after.
@@ -452,10 +454,10 @@ class Delivery:
                 "recipient": rcpt, "reply": reply})
 
     async def _kill(self, entry: Entry, kind: str, reason: str, reply: str, *, delivered: tuple[str, ...] = (),
-                    failed: dict[str, str] | None = None) -> None:
+                    failed: dict[str, str] | None = None, attempted: bool = False) -> None:
         """Move to dead letters. ``kind`` is a short token (metrics label), ``reason`` the whole story."""
         dead = await asyncio.to_thread(self.spool.kill, entry.id, reason, reply, delivered=delivered,
-                                       failed=failed or {})
+                                       failed=failed or {}, attempted=attempted)
         self.metrics.dead(kind)
         log.error("moved to dead letters", extra={"event": "dead_letter", "queue_id": entry.id,
                                                   "message_id": entry.message_id, "reason": reason})
@@ -675,9 +677,11 @@ class Delivery:
     async def _requeue(self, entry: Entry) -> str:
         delay = self.pacer(entry.route.mailbox).delay()
         block = self.blocked(entry.route)
+        why = None
         if block is not None:
             delay = max(delay, block.until - self.clock())
-        await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock() + max(delay, 0.0))
+            why = f"{block.kind} {block.scope} {block.name}: {block.reason}"
+        await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock() + max(delay, 0.0), why)
         return self.queued_reply(entry)
 
     def _next_wake(self, next_due: float | None) -> float:

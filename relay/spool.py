@@ -790,8 +790,11 @@ class Spool:
         *,
         delivered: Iterable[str] = (),
         failed: Mapping[str, str] | None = None,
+        attempted: bool = False,
     ) -> Entry:
         """-> DEAD (dead letter, kept with its body for inspection, ``queue requeue`` or ``delete``).
+
+        ``attempted``: the kill follows a delivery attempt, which counts like one deferred.
 
         Allowed from any state (the scheduler kills ACTIVE messages; expiry may kill QUEUED ones).
         ``reply`` replaces the last reply when given; ``delivered``/``failed`` record the last
@@ -805,21 +808,25 @@ class Spool:
             done, bad = _merge_results(row, delivered, failed)
             conn.execute(
                 "UPDATE messages SET state = ?, reason = ?, last_reply = ?, recipients_done = ?,"
-                " recipients_failed = ?, updated_at = ? WHERE id = ?",
-                (State.DEAD, reason, reply or row["last_reply"], done, bad, self._clock(), id),
+                " recipients_failed = ?, updated_at = ?, attempts = attempts + ? WHERE id = ?",
+                (State.DEAD, reason, reply or row["last_reply"], done, bad, self._clock(), int(attempted), id),
             )
             new = self._fetch(conn, id)
         assert new is not None
         return _row_to_entry(new)
 
-    def unclaim(self, id: str, next_attempt_at: float) -> bool:
+    def unclaim(self, id: str, next_attempt_at: float, reason: str | None = None) -> bool:
         """ACTIVE -> QUEUED due at ``next_attempt_at`` without counting an attempt.
 
-        For a message that was claimed but not tried (mailbox paused or held, pacing, shutdown).
+        For a message that was claimed but not tried (mailbox paused or held, pacing, shutdown);
+        ``reason`` (e.g. the hold) is recorded so ``queue list`` says why it waits.
         False if it is not ACTIVE.
         """
-        sets = "state = ?, next_attempt_at = ?"
-        return self._transition(id, State.ACTIVE, sets, (State.QUEUED, next_attempt_at)) == 1
+        if reason is None:
+            sets, params = "state = ?, next_attempt_at = ?", (State.QUEUED, next_attempt_at)
+        else:
+            sets, params = "state = ?, next_attempt_at = ?, reason = ?", (State.QUEUED, next_attempt_at, reason)
+        return self._transition(id, State.ACTIVE, sets, params) == 1
 
     def delete_active(self, id: str) -> bool:
         """Remove an ACTIVE message (row, then body): its claimer handed Exchange's permanent
