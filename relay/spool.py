@@ -822,10 +822,11 @@ class Spool:
         ``reason`` (e.g. the hold) is recorded so ``queue list`` says why it waits.
         False if it is not ACTIVE.
         """
-        if reason is None:
-            sets, params = "state = ?, next_attempt_at = ?", (State.QUEUED, next_attempt_at)
-        else:
-            sets, params = "state = ?, next_attempt_at = ?, reason = ?", (State.QUEUED, next_attempt_at, reason)
+        sets = "state = ?, next_attempt_at = ?"
+        params: tuple[Any, ...] = (State.QUEUED, next_attempt_at)
+        if reason is not None:
+            sets += ", reason = ?"
+            params += (reason,)
         return self._transition(id, State.ACTIVE, sets, params) == 1
 
     def delete_active(self, id: str) -> bool:
