@@ -28,6 +28,7 @@ from relay.delivery import Delivery
 from relay.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError, SpoolFull, TokenError
+from relay.graph import GraphSender
 from relay.listener import (
     AuthLimiter,
     BodySink,
@@ -85,8 +86,12 @@ class Relay:
             provider.on_failed = self._token_failed(provider.app.name)
         self.pool = SessionPool(local_hostname=settings.hostname or socket.getfqdn() or "localhost",
                                 timeout=settings.delivery.timeout, idle_close=settings.delivery.idle_close)
-        self.submitter = Submitter(self.pool, {a.name: a for a in settings.apps},
-                                   {p.app.name: p for p in self.tokens}, self._connections_for)
+        providers = {p.app.name: p for p in self.tokens}
+        # Microsoft Graph (sendMail) for mailboxes with ``transport: graph``; SMTP for the others.
+        self.graph = (GraphSender.from_settings(settings, providers, environ=self.environ)
+                      if any(m.transport == "graph" for m in settings.mailboxes) else None)
+        self.submitter = Submitter(self.pool, {a.name: a for a in settings.apps}, providers,
+                                   self._connections_for, graph=self.graph)
         self.delivery = Delivery(settings, self.spool, self.submitter, self.metrics, clock=clock,
                                  sleep=sleep, probe=self.probe)
         self.delivery.on_dead = self.notify_dead
@@ -184,6 +189,8 @@ class Relay:
 
     async def probe(self, route: Route) -> Verdict:
         """Token + STARTTLS + AUTH for ``route.mailbox``, no message: does the admin's fix work yet?"""
+        if self.graph is not None and self.graph.handles(route.mailbox):
+            return await self.graph.probe(route)
         provider = self.tokens[route.app]
         stage = Stage.TOKEN
         try:
@@ -325,6 +332,8 @@ class Relay:
             await asyncio.wait_for(self.pool.close_idle(), timeout=5)
         if self.health is not None:
             self.health.stop()
+        if self.graph is not None:
+            self.graph.close()
         self.tokens.close()
         await asyncio.to_thread(self.spool.close)
         self._stopped.set()

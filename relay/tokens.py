@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,23 @@ def build_credential(app: AppSettings, file: str = "<config>") -> str | dict[str
         raise ConfigError(file, key, f"cannot load the certificate credential: {reason}") from None
 
 
+@dataclass
+class _ScopeState:
+    """The token of one scope, its single-flight lock and its background refresh."""
+
+    token: Token = Token()
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    refresh_task: asyncio.Task[None] | None = None
+
+
 class TokenProvider:
-    """Tokens for one app registration. Create once; share between all deliveries."""
+    """Tokens for one app registration. Create once; share between all deliveries.
+
+    One MSAL application serves every scope of the registration: the app's SMTP scope (the default,
+    ``app.effective_scope``) and, for mailboxes sending by Microsoft Graph, ``app.effective_graph_scope``.
+    Each scope has its own current token, single-flight lock and refresh: a Graph token never stands
+    in for an Exchange one (their audiences differ) and one scope's fetch never waits on the other's.
+    """
 
     def __init__(
         self,
@@ -158,62 +174,96 @@ class TokenProvider:
         # the relay from starting (and spooling mail) while Entra ID is unreachable, so it is created
         # on first use, in the worker thread, and again after a failure.
         self._msal_app: msal.ConfidentialClientApplication | None = None
-        self._token = Token()
-        self._lock = asyncio.Lock()
-        self._refresh_task: asyncio.Task[None] | None = None
-        self.requests = 0  # token requests that reached (or tried to reach) Entra ID
+        self._msal_lock = threading.Lock()  # two scopes may fetch at once, in two worker threads
+        self.default_scope = app.effective_scope
+        self._scopes: dict[str, _ScopeState] = {self.default_scope: _ScopeState()}
+        self.requests = 0  # token requests that reached (or tried to reach) Entra ID, all scopes
         self.failures = 0
         self.last_error: TokenError | None = None
         self.on_acquired: Callable[[Token], None] | None = None
         self.on_failed: Callable[[TokenError], None] | None = None
 
+    # The default scope's state under the names the rest of the relay (and its tests) know.
+    @property
+    def _token(self) -> Token:
+        return self._scopes[self.default_scope].token
+
+    @_token.setter
+    def _token(self, token: Token) -> None:
+        self._scopes[self.default_scope].token = token
+
+    @property
+    def _lock(self) -> asyncio.Lock:
+        return self._scopes[self.default_scope].lock
+
+    @property
+    def _refresh_task(self) -> asyncio.Task[None] | None:
+        return self._scopes[self.default_scope].refresh_task
+
     @property
     def current(self) -> Token:
         return self._token
 
+    def current_for(self, scope: str | None = None) -> Token:
+        """The token held for ``scope`` (default: the SMTP scope), usable or not."""
+        state = self._scopes.get(scope or self.default_scope)
+        return state.token if state is not None else Token()
+
+    def _state(self, scope: str | None) -> tuple[str, _ScopeState]:
+        key = scope or self.default_scope
+        state = self._scopes.get(key)
+        if state is None:
+            state = self._scopes[key] = _ScopeState()
+        return key, state
+
     def _usable(self, token: Token) -> bool:
         return bool(token.value) and self._clock() < token.expires_at - _EXPIRY_MARGIN
 
-    async def get(self) -> Token:
-        """A usable token; starts a background refresh when the current one is due for it."""
-        token = self._token
+    async def get(self, scope: str | None = None) -> Token:
+        """A usable token for ``scope`` (default: the app's SMTP scope); starts a background refresh
+        when the current one is due for it."""
+        key, state = self._state(scope)
+        token = state.token
         if self._usable(token):
-            if self._clock() >= token.refresh_at and self._refresh_task is None:
-                self._refresh_task = asyncio.get_running_loop().create_task(self._background_refresh())
+            if self._clock() >= token.refresh_at and state.refresh_task is None:
+                state.refresh_task = asyncio.get_running_loop().create_task(self._background_refresh(key))
             return token
-        async with self._lock:
-            token = self._token
+        async with state.lock:
+            token = state.token
             if self._usable(token):  # another task fetched it while we waited
                 return token
-            return await self._fetch(force=True)
+            return await self._fetch(key, force=True)
 
-    async def _background_refresh(self) -> None:
+    async def _background_refresh(self, scope: str) -> None:
+        state = self._scopes[scope]
         try:
-            async with self._lock:
-                if self._clock() >= self._token.refresh_at:
-                    await self._fetch(force=True)
+            async with state.lock:
+                if self._clock() >= state.token.refresh_at:
+                    await self._fetch(scope, force=True)
         except TokenError as exc:
             log.warning("token refresh failed; the current token stays in use until it expires",
                         extra={"event": "token_refresh_failed", "app": self.app.name, "error": str(exc)})
         finally:
-            self._refresh_task = None
+            state.refresh_task = None
 
-    async def evict(self, rejected: Token | None = None) -> None:
-        """Exchange rejected the token: drop it so the next :meth:`get` fetches a new one.
+    async def evict(self, rejected: Token | None = None, scope: str | None = None) -> None:
+        """The server rejected the token: drop it so the next :meth:`get` fetches a new one.
 
         ``rejected`` avoids evicting a newer token fetched by a concurrent delivery meanwhile.
         """
-        async with self._lock:
-            if rejected is None or rejected.value == self._token.value:
-                self._token = Token()
+        _, state = self._state(scope)
+        async with state.lock:
+            if rejected is None or rejected.value == state.token.value:
+                state.token = Token()
                 await asyncio.to_thread(self._forget_cached_token)
 
-    async def _fetch(self, *, force: bool) -> Token:
+    async def _fetch(self, scope: str, *, force: bool) -> Token:
+        state = self._scopes[scope]
         if force:
             await asyncio.to_thread(self._forget_cached_token)
         self.requests += 1
         try:
-            result = await asyncio.to_thread(self._acquire)
+            result = await asyncio.to_thread(self._acquire, scope)
         except TokenError as exc:
             self.failures += 1
             self.last_error = exc
@@ -221,37 +271,40 @@ class TokenProvider:
                 self.on_failed(exc)
             raise
         token = self._token_from(result)
-        self._token = token
+        state.token = token
         self.last_error = None
         if self.on_acquired:
             self.on_acquired(token)
         log.info("token acquired", extra={
             "event": "token_acquired", "app": self.app.name, "source": token.source,
             "expires_in": round(token.expires_at - self._clock()),
+            **({"scope": scope} if scope != self.default_scope else {}),
         })
         return token
 
     def _msal(self) -> msal.ConfidentialClientApplication:
         """The one MSAL application of this app registration (worker thread only)."""
-        if self._msal_app is None:
-            self._msal_app = msal.ConfidentialClientApplication(
-                self.app.client_id,
-                client_credential=self._credential,
-                authority=self.app.authority,
-                http_client=self._session,
-                instance_discovery=False,
-                timeout=self.app.timeout,
-            )
-        return self._msal_app
+        with self._msal_lock:
+            if self._msal_app is None:
+                self._msal_app = msal.ConfidentialClientApplication(
+                    self.app.client_id,
+                    client_credential=self._credential,
+                    authority=self.app.authority,
+                    http_client=self._session,
+                    instance_discovery=False,
+                    timeout=self.app.timeout,
+                )
+            return self._msal_app
 
     def _forget_cached_token(self) -> None:
+        # MSAL evicts the app's tokens of every scope; ours stay in ``_scopes`` and are still used.
         if self._msal_app is not None:
             self._msal_app.remove_tokens_for_client()
 
-    def _acquire(self) -> dict[str, Any]:
+    def _acquire(self, scope: str | None = None) -> dict[str, Any]:
         """Runs in a worker thread: the only place that calls MSAL for a token."""
         try:
-            result = self._msal().acquire_token_for_client(scopes=[self.app.effective_scope])
+            result = self._msal().acquire_token_for_client(scopes=[scope or self.default_scope])
         except requests.exceptions.SSLError:
             # Certificate verification failed: a TLS-inspecting proxy or a wrong CA bundle. Waiting
             # will not fix it; an admin must (token_ca_file).
@@ -300,8 +353,9 @@ class TokenProvider:
         )
 
     def close(self) -> None:
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
+        for state in self._scopes.values():
+            if state.refresh_task is not None:
+                state.refresh_task.cancel()
         self._session.close()
 
 

@@ -321,6 +321,11 @@ class EntraSimulator:
         with self._lock:
             self.app(tenant_id, client_id).roles = tuple(roles)
 
+    def set_graph_roles(self, tenant_id: str, client_id: str, roles: Iterable[str]) -> None:
+        """Microsoft Graph application permissions (e.g. ``Mail.Send``) of the app."""
+        with self._lock:
+            self.app(tenant_id, client_id).graph_roles = tuple(roles)
+
     # -- switches ----------------------------------------------------------------------------
 
     def fail_with(

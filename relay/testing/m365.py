@@ -27,6 +27,7 @@ from types import TracebackType
 from relay.testing.certs import AppCertificate, ServerCertificates, write_server_certificates
 from relay.testing.entra import EXCHANGE_RESOURCE, SMTP_SEND_AS_APP, AppRegistration, EntraSimulator
 from relay.testing.exchange import DEFAULT_MAX_SEND_SIZE, ExchangeLimits, ExchangeSimulator, Mailbox
+from relay.testing.graph import GraphSimulator
 
 STANDARD_TENANT = "11111111-1111-1111-1111-111111111111"
 STANDARD_CLIENT_ID = "22222222-2222-2222-2222-222222222222"
@@ -66,6 +67,16 @@ class SimulatedM365:
             seed=seed,
             limits=limits,
         )
+        # Microsoft Graph sendMail (transport: graph): same certificates, same token key, and the
+        # mailboxes (and their SendAs rights) of the simulated Exchange.
+        self.graph = GraphSimulator(
+            self.certs,
+            self.workdir / "graph-out",
+            token_key=self.entra.public_key,
+            directory=self._graph_directory,
+            clock=clock,
+            seed=seed,
+        )
 
     @classmethod
     def standard(cls, workdir: Path, **kwargs: object) -> SimulatedM365:
@@ -82,9 +93,11 @@ class SimulatedM365:
     def start(self) -> SimulatedM365:
         self.entra.start()
         self.exchange.start()
+        self.graph.start()
         return self
 
     def stop(self) -> None:
+        self.graph.stop()
         self.exchange.stop()
         self.entra.stop()
 
@@ -123,6 +136,18 @@ class SimulatedM365:
     def outdir(self) -> Path:
         return self.exchange.outdir
 
+    @property
+    def graph_host(self) -> str:
+        """``https://localhost:PORT`` of the simulated Graph (``apps[].graph_host``)."""
+        return self.graph.host
+
+    def _graph_directory(self, address: str) -> tuple[str | None, frozenset[str]]:
+        try:
+            mailbox = self.exchange.mailbox(address)
+        except KeyError:
+            return None, frozenset()
+        return mailbox.tenant_id, frozenset(mailbox.send_as)
+
     # -- admin setup -------------------------------------------------------------------------
 
     def add_tenant(self, tenant_id: str, *, domains: Iterable[str] = (), smtp_auth_enabled: bool = True) -> None:
@@ -140,8 +165,11 @@ class SimulatedM365:
         roles: Iterable[str] = (SMTP_SEND_AS_APP,),
         admin_consent: bool = True,
         service_principal: bool = True,
+        graph_roles: Iterable[str] = (),
     ) -> AppRegistration:
-        """App registration + enterprise app; ``service_principal`` also runs ``New-ServicePrincipal``."""
+        """App registration + enterprise app; ``service_principal`` also runs ``New-ServicePrincipal``.
+
+        ``graph_roles``: Microsoft Graph application permissions, e.g. ``("Mail.Send",)``."""
         app = self.entra.add_app(
             tenant_id,
             client_id,
@@ -149,6 +177,7 @@ class SimulatedM365:
             secret_expires_at=secret_expires_at,
             certificate=certificate,
             roles=roles,
+            graph_roles=graph_roles,
             admin_consent=admin_consent,
         )
         if service_principal:
