@@ -31,6 +31,7 @@ from relay.classify import Stage, classify_exception, classify_reply
 from relay.config import AppSettings, Settings, load_settings, load_warnings
 from relay.errors import ConfigError, TokenError
 from relay.exchange_setup import admin_consent_url
+from relay.graph import check_graph_claims
 from relay.hints import STEPS, TLS_VERIFY_HINT, hint_for_aadsts, parse_aadsts
 from relay.tokens import Token, TokenProvider, build_http_session
 from relay.upstream import tls_context_for
@@ -231,9 +232,17 @@ class _Walk:
                     token = await provider.get()
                 except TokenError as exc:
                     self._token_failed(app, name, exc)
+            mine = [m for m in self.settings.mailboxes if m.app == app.name]
+            smtp_mailboxes = [m for m in mine if m.transport == "smtp" or m.fallback_smtp]
+            graph_mailboxes = [m for m in mine if m.transport == "graph"]
             if token is not None:
                 c.add(name, True, f"from {app.effective_authority_host} for {app.effective_scope}",
                       kind="token", app=app.name)
+            if provider is not None and graph_mailboxes:
+                await self.graph(app, provider)
+            if not smtp_mailboxes:
+                return  # Graph only: no SMTP role, no SMTP host to check
+            if token is not None:
                 ok, detail, hint, step = check_claims(app, token, time.time())
                 role_missing = not ok and "lack SMTP.SendAsApp" in detail
                 c.add(f"token claims for app {app.name}", ok, detail, hint, kind="claims", admin_step=step,
@@ -242,7 +251,7 @@ class _Walk:
                 c.skip(f"token claims for app {app.name}", "no token", kind="claims", app=app.name)
             # TCP + STARTTLS does not need a token: check it anyway, it may be a second problem.
             transport_ok = await self.transport(app)
-            for mbx in (m for m in self.settings.mailboxes if m.app == app.name):
+            for mbx in smtp_mailboxes:
                 auth = f"AUTH XOAUTH2 as {mbx.address}"
                 if token is None or not transport_ok:
                     c.skip(auth, "no token" if token is None else "no TLS session", kind="auth", app=app.name,
@@ -252,6 +261,19 @@ class _Walk:
         finally:
             if provider is not None:
                 provider.close()
+
+    async def graph(self, app: AppSettings, provider: TokenProvider) -> None:
+        """Graph mailboxes: a token for the Graph scope carrying the Mail.Send application role."""
+        name = f"Graph token for app {app.name}"
+        try:
+            token = await provider.get(app.effective_graph_scope)
+        except TokenError as exc:
+            self._token_failed(app, name, exc)
+            return
+        self.checks.add(name, True, f"for {app.effective_graph_scope}", kind="token", app=app.name)
+        ok, detail, hint = check_graph_claims(token)
+        self.checks.add(f"Graph token claims for app {app.name}", ok, detail, hint, kind="graph_claims",
+                        app=app.name)
 
     def _token_failed(self, app: AppSettings, name: str, exc: TokenError) -> None:
         code = f" AADSTS{exc.aadsts}" if exc.aadsts else ""

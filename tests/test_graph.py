@@ -428,3 +428,23 @@ def test_prepare_mime_with_internationalised_addresses() -> None:
     latin1 = b"From: a@contoso.com\r\nTo: J\xf6rg <j@x.example>\r\nSubject: s\r\n\r\nb\r\n"
     out = prepare_mime(latin1, ["j@x.example", "k@x.example"])
     assert out.mime == b"Bcc: k@x.example\r\n" + latin1
+
+
+def test_check_verifies_the_mail_send_role_for_graph_mailboxes(m365: SimulatedM365, tmp_path: Path) -> None:
+    import asyncio
+
+    from relay.check import Checklist, check_online
+    from relay.config import settings_from_dict
+
+    settings = settings_from_dict(graph_config(m365, tmp_path))
+    m365.entra.set_graph_roles(STANDARD_TENANT, STANDARD_CLIENT_ID, [])
+    checks = Checklist()
+    asyncio.run(check_online(settings, checks))
+    by_name = {s.name: s for s in checks.steps}
+    claims = by_name["Graph token claims for app contoso"]
+    assert not claims.ok and "Mail.Send" in claims.detail + claims.hint
+    assert not any(name.startswith("AUTH XOAUTH2") for name in by_name), "a Graph-only mailbox needs no SMTP AUTH"
+    m365.entra.set_graph_roles(STANDARD_TENANT, STANDARD_CLIENT_ID, ["Mail.Send"])
+    checks = Checklist()
+    asyncio.run(check_online(settings, checks))
+    assert checks.ok, [(s.name, s.detail) for s in checks.steps if not s.ok]
