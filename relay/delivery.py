@@ -143,6 +143,9 @@ class _Waiter:
 
     waiting: bool = True
     committed: bool = False
+    #: set as soon as Exchange accepted the message: the client may have its 250 before the spool
+    #: has recorded the delivery (invariant 1: a 2xx means fsync'd *or* accepted by Exchange).
+    accepted: asyncio.Future[str] | None = None
 
 
 @dataclass
@@ -310,13 +313,16 @@ class Delivery:
             await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock(), why)
             self.wake()
             return self.queued_reply(entry)
-        waiter = _Waiter()
+        waiter = _Waiter(accepted=asyncio.get_running_loop().create_future())
+        assert waiter.accepted is not None
         task = self._launch(entry, self._deliver(entry, waiter), slot, counts=True)
         try:
-            await asyncio.wait({task}, timeout=wait)
+            await asyncio.wait({task, waiter.accepted}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not task.done() and not waiter.committed:
                 waiter.waiting = False  # too late (or the client went away): it is the queue's now
+        if waiter.accepted.done() and not waiter.accepted.cancelled():
+            return waiter.accepted.result()  # the spool records the delivery in the background
         if not task.done():
             if not waiter.committed:
                 return self.queued_reply(entry)
@@ -374,6 +380,9 @@ class Delivery:
 
         if not pending and (delivered or entry.recipients_done):
             # Every recipient has its answer and Exchange took the message for some of them.
+            reply = f"250 2.0.0 Ok: delivered as {outcome.upstream_id or entry.id} (queue id {entry.id})"
+            if waiter is not None and waiter.accepted is not None and not waiter.accepted.done():
+                waiter.accepted.set_result(reply)
             self.metrics.delivered(entry.route.mailbox)
             log.info("delivered", extra={"event": "delivered", **base, "upstream_id": outcome.upstream_id,
                                          "failed_recipients": len(all_failed)})
@@ -387,7 +396,7 @@ class Delivery:
                                  f"{first}", first, delivered=delivered, failed=failed, attempted=True)
             else:
                 await asyncio.to_thread(self.spool.mark_delivered, entry.id, verdict.reply)
-            return f"250 2.0.0 Ok: delivered as {outcome.upstream_id or entry.id} (queue id {entry.id})"
+            return reply
 
         if verdict.action is Action.FAILED and not outcome.deferred:
             self.metrics.failed(verdict.reason)

@@ -27,6 +27,8 @@ import time
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -196,7 +198,28 @@ def normalise_reply(status: str) -> str:
     return f"{code} {_ENHANCED_BY_CODE[code]} {text}".rstrip()
 
 
-class RelayHandler:
+def _hook_names(cls: type) -> list[str]:
+    """The attribute names aiosmtpd looks for by introspection (auth_*, smtp_*, handle_*)."""
+    return [n for n in object.__dir__(cls) if n.startswith(("auth_", "smtp_", "handle_"))] + [
+        n for base in cls.__mro__ for n in vars(base) if n.startswith(("auth_", "smtp_", "handle_"))]
+
+
+class _CheapIntrospection:
+    """aiosmtpd's SMTP.__init__ runs inspect.getmembers() and dir() on the protocol and the handler
+    for every connection, evaluating every attribute (about 8 % of the CPU per new connection).
+    It only keeps names starting with auth_, smtp_ and handle_: list just those, once per class."""
+
+    _dir_cache: dict[type, list[str]] = {}
+
+    def __dir__(self) -> list[str]:
+        cls = type(self)
+        names = _CheapIntrospection._dir_cache.get(cls)
+        if names is None:
+            names = _CheapIntrospection._dir_cache[cls] = sorted(set(_hook_names(cls)))
+        return names
+
+
+class RelayHandler(_CheapIntrospection):
     """aiosmtpd hooks: who may send (MAIL), to whom (RCPT), EHLO capabilities, errors."""
 
     def __init__(self, state: ListenerState) -> None:
@@ -272,7 +295,7 @@ async def read_line(reader: asyncio.StreamReader, separator: bytes = b"\r\n") ->
             await reader.readexactly(exc.consumed)
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(_CheapIntrospection, SMTP):
     """aiosmtpd's SMTP with our AUTH, streaming DATA, limits and replies."""
 
     def __init__(self, handler: RelayHandler, listen: ListenSettings, **kwargs: Any) -> None:
@@ -315,6 +338,22 @@ class RelaySMTP(SMTP):
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             transport.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser without the typing.Protocol class it defines on every call
+        (4 % of the CPU per message); same parser, same results."""
+        if not arg:
+            return "", ""
+        try:
+            parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+            address, rest = parse(arg)
+        except HeaderParseError:
+            return None, None
+        addr = str(address.addr_spec)
+        localpart = addr.rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, str(rest)
 
     # ---- connection accounting -------------------------------------------------------------
 
