@@ -55,6 +55,7 @@ GRAPH_RESOURCE = "https://graph.microsoft.com"
 """Microsoft Graph, supported for a later Graph transport."""
 SMTP_SEND_AS_APP = "SMTP.SendAsApp"
 """The application permission Exchange Online requires for SMTP AUTH with an app-only token."""
+FEDERATED_AUDIENCE = "api://AzureADTokenExchange"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 DEFAULT_LIFETIME_RANGE = (3600, 5400)
 """Entra ID gives app-only tokens a random lifetime of 60-90 minutes; never assume 3599 s."""
@@ -85,6 +86,8 @@ class AppRegistration:
     roles: tuple[str, ...] = (SMTP_SEND_AS_APP,)
     graph_roles: tuple[str, ...] = ()
     admin_consent: bool = True
+    #: workload identity federation: (issuer, subject) -> the issuer's public key (PEM)
+    federated: dict[tuple[str, str], bytes] = field(default_factory=dict)
 
     def certificate_for(self, x5t: str | None, x5t_s256: str | None) -> x509.Certificate | None:
         """The registered certificate a client assertion header points at, if any.
@@ -611,11 +614,16 @@ class EntraSimulator:
             )
 
     def _check_assertion(self, tenant: Tenant, app: AppRegistration, assertion: str) -> None:
-        """Verify a ``private_key_jwt`` assertion against the registered certificates."""
+        """Verify a ``private_key_jwt`` assertion against the registered certificates, or a federated
+        assertion (workload identity) against the app's federated identity credentials."""
         try:
             header = jwt.get_unverified_header(assertion)
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
         except jwt.PyJWTError as exc:
             raise EntraError(401, "invalid_client", 50027, "JWT token is invalid or malformed.") from exc
+        if not header.get("x5t") and not header.get("x5t#S256") and unverified.get("iss") != app.client_id:
+            self._check_federated(app, assertion, unverified)
+            return
         cert = app.certificate_for(header.get("x5t"), header.get("x5t#S256"))
         if cert is None:
             thumb = header.get("x5t") or header.get("x5t#S256") or "<none>"
@@ -643,6 +651,31 @@ class EntraSimulator:
                 "did not match the expected signature value.]",
             ) from exc
         self._check_assertion_claims(tenant, app, claims)
+
+    def _check_federated(self, app: AppRegistration, assertion: str, unverified: Mapping[str, Any]) -> None:
+        """A token from an external issuer (e.g. a Kubernetes service account) exchanged for an app
+        token: issuer + subject must match a federated identity credential, audience
+        ``api://AzureADTokenExchange``, signature by that issuer's key. Error codes per Entra ID."""
+        key = app.federated.get((str(unverified.get("iss")), str(unverified.get("sub"))))
+        if key is None:
+            raise EntraError(
+                400, "invalid_request", 700213,
+                f"No matching federated identity record found for presented assertion subject "
+                f"'{unverified.get('sub')}'. Check your federated identity credential Subject, Audience and Issuer.")
+        try:
+            jwt.decode(assertion, key, algorithms=["RS256"], audience=FEDERATED_AUDIENCE,
+                       options={"verify_exp": True}, leeway=ASSERTION_CLOCK_SKEW)
+        except jwt.ExpiredSignatureError as exc:
+            raise EntraError(400, "invalid_client", 700024, "Client assertion is not within its valid time range.") \
+                from exc
+        except jwt.PyJWTError as exc:
+            raise EntraError(401, "invalid_client", 700027, "Client assertion failed signature validation.") from exc
+
+    def add_federated_credential(self, tenant_id: str, client_id: str, issuer: str, subject: str,
+                                 public_key_pem: bytes) -> None:
+        """Register a federated identity credential (issuer, subject) with the issuer's public key."""
+        with self._lock:
+            self._tenant(tenant_id).apps[client_id].federated[(issuer, subject)] = public_key_pem
 
     def _check_assertion_claims(self, tenant: Tenant, app: AppRegistration, claims: Mapping[str, Any]) -> None:
         # The codes below (other than 700027) are plausible but *unverified* against Entra ID.
