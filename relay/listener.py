@@ -558,7 +558,8 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         if ok:
             state.auth_limiter.succeeded(self.peer_ip)
             self.txn.user = login
-            log.info("client authenticated", extra={"event": "auth_ok", "user": login, "client_ip": self.peer_ip})
+            # DEBUG: every message's "received" line already names the user; failures stay WARNING.
+            log.debug("client authenticated", extra={"event": "auth_ok", "user": login, "client_ip": self.peer_ip})
             return AuthResult(success=True, auth_data=LoginPassword(login_b, b""))
         failures = state.auth_limiter.failed(self.peer_ip)
         log.warning("client authentication failed", extra={
