@@ -453,6 +453,8 @@ class LimitSettings(_Model):
 class SpoolSettings(_Model):
     path: Path = Path("/var/spool/oauth-smtp-relay")
     fsync: bool = True
+    #: refuse new mail (452 4.3.1) below this much free space, so the queue can always drain
+    min_free: Size = 64 * 1024 * 1024
 
 
 class ObservabilitySettings(_Model):

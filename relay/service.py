@@ -78,7 +78,8 @@ class Relay:
         self.clock = clock
         self.environ = os.environ if environ is None else environ
         self.metrics = Metrics()
-        self.spool = Spool(settings.spool.path, clock=clock, fsync=settings.spool.fsync)
+        self.spool = Spool(settings.spool.path, clock=clock, fsync=settings.spool.fsync,
+                           min_free=settings.spool.min_free)
         self.tokens = TokenProviders(settings.apps, environ=self.environ, clock=clock,
                                      config_file=config_path or "<config>")
         for provider in self.tokens:

@@ -345,8 +345,13 @@ def _merge_results(
 class Spool:
     """The durable queue. See the module docstring for layout and guarantees."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, fsync: bool = True,
+                 min_free: int = 0) -> None:
         self.path = Path(path)
+        #: new messages are refused (SpoolFull) while the filesystem has less free space than this,
+        #: so that recording deliveries, deferrals and admin actions always has room (Postfix's
+        #: queue_minfree): a full disk must not stop the queue from draining.
+        self.min_free = min_free
         self.db_path = self.path / "spool.db"
         self.tmp_dir = self.path / "tmp"
         self.bodies_dir = self.path / "bodies"
@@ -547,8 +552,22 @@ class Spool:
 
     # ----------------------------------------------------------------- storing
 
+    def free_bytes(self) -> int:
+        """Free space for an unprivileged writer on the spool's filesystem."""
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
     def writer(self) -> BodyWriter:
-        """A writer for a new body in ``tmp/``; its id becomes the queue id."""
+        """A writer for a new body in ``tmp/``; its id becomes the queue id.
+
+        Raises SpoolFull while free space is below ``min_free``."""
+        if self.min_free:
+            try:
+                free = self.free_bytes()
+            except OSError as exc:
+                raise _os_error(exc, "check free space") from None
+            if free < self.min_free:
+                raise SpoolFull(f"spool: only {free} bytes free on {self.path}, below min_free {self.min_free}")
         id = new_queue_id(self._clock())
         return BodyWriter(self, id, self.tmp_dir / id)
 

@@ -793,3 +793,22 @@ class SpoolMachine(RuleBasedStateMachine):
 
 TestSpoolStateMachine = SpoolMachine.TestCase
 TestSpoolStateMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_min_free_refuses_new_bodies_but_not_queue_changes(tmp_path: Path) -> None:
+    from relay.errors import SpoolFull
+    from relay.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    try:
+        free = spool.free_bytes()
+        assert free > 0
+        spool.min_free = free * 10  # "the disk is nearly full"
+        with pytest.raises(SpoolFull):
+            spool.writer()
+        spool.min_free = 1
+        writer = spool.writer()
+        writer.abort()
+    finally:
+        spool.close()
