@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import copy
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,9 +52,34 @@ def quick_hash(password: str) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that is free now, chosen *below* the kernel's ephemeral range.
+
+    A port the kernel hands out with ``bind(0)`` comes from the ephemeral range, and once released it
+    may be reused at once as the source port of some outgoing connection, so the server started on it
+    a moment later cannot bind (a test-suite race seen under pytest -n). Ports below that range are
+    never given to outgoing connections.
+    """
+    low, _high = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # fall back to the kernel's choice
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def relay_config(
