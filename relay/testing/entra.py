@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
@@ -35,7 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -46,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from relay.testing.certs import AppCertificate, ServerCertificates
+from relay.testing.https import TLSHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -829,33 +829,10 @@ class EntraSimulator:
 # ---------------------------------------------------------------------------------------------
 
 
-class _TLSHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that does the TLS handshake in the handler thread.
-
-    Wrapping the listening socket would run handshakes in the accept loop, where one silent client
-    could stall everyone.
-    """
-
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _TLSHTTPServer(TLSHTTPServer):
     def __init__(self, address: tuple[str, int], sim: EntraSimulator, context: ssl.SSLContext) -> None:
         self.sim = sim
-        self.tls_context = context
-        super().__init__(address, _Handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        assert isinstance(request, socket.socket)
-        request.settimeout(10)
-        try:
-            tls = self.tls_context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("entra-sim: TLS handshake with %s failed: %s", client_address, exc)
-            return
-        try:
-            _Handler(tls, client_address, self)
-        finally:
-            tls.close()
+        super().__init__(address, _Handler, context, name="entra-sim", timeout=10)
 
 
 class _Handler(BaseHTTPRequestHandler):

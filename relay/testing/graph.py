@@ -33,14 +33,13 @@ import hashlib
 import json
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -50,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.testing.certs import ServerCertificates
 from relay.testing.entra import GRAPH_RESOURCE
+from relay.testing.https import TLSHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -403,27 +403,10 @@ def _client_request_id(headers: Mapping[str, str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _GraphHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _GraphHTTPServer(TLSHTTPServer):
     def __init__(self, address: tuple[str, int], sim: GraphSimulator, context: ssl.SSLContext) -> None:
         self.sim = sim
-        self.tls_context = context
-        super().__init__(address, _Handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        assert isinstance(request, socket.socket)
-        request.settimeout(30)
-        try:
-            tls = self.tls_context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("graph-sim: TLS handshake with %s failed: %s", client_address, exc)
-            return
-        try:
-            _Handler(tls, client_address, self)
-        finally:
-            tls.close()
+        super().__init__(address, _Handler, context, name="graph-sim", timeout=30)
 
 
 class _Handler(BaseHTTPRequestHandler):
