@@ -528,13 +528,23 @@ class Settings(_Model):
                 return mbx
         return None
 
+    def _pacing_default(self, mbx: MailboxSettings, key: str) -> int:
+        """delivery.per_mailbox.<key> when the admin set it, else the app's cloud preset (HVE differs)."""
+        per_mailbox = self.delivery.per_mailbox
+        if key in per_mailbox.model_fields_set:
+            return int(getattr(per_mailbox, key))
+        try:
+            return int(getattr(self.app(mbx.app).preset, key))
+        except KeyError:
+            return int(getattr(per_mailbox, key))
+
     def mailbox_connections(self, mbx: MailboxSettings) -> int:
-        return mbx.connections or self.delivery.per_mailbox.connections
+        return mbx.connections or self._pacing_default(mbx, "connections")
 
     def mailbox_per_minute(self, mbx: MailboxSettings) -> int:
         if mbx.per_minute is not None:
             return mbx.per_minute
-        return self.delivery.per_mailbox.per_minute
+        return self._pacing_default(mbx, "per_minute")
 
 
 #: Address blocks that are never reachable from the Internet: allowlisting all of them is not an open
