@@ -49,10 +49,9 @@ def _pick_port() -> int:
 
 def run_demo(*, keep_running: bool = False, messages: int = 3, workdir: Path | None = None) -> int:
     out = sys.stdout
-    tmp = None
     if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="oauth-smtp-relay-demo-")
-        workdir = Path(tmp.name) if not keep_running else Path(tempfile.mkdtemp(prefix="oauth-smtp-relay-demo-"))
+        # Kept after the demo, so the delivered files it points at can be opened.
+        workdir = Path(tempfile.mkdtemp(prefix="oauth-smtp-relay-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     setup_logging("text", "info", stream=sys.stderr)
     logging.getLogger("relay.listener").setLevel(logging.WARNING)
@@ -97,7 +96,8 @@ def run_demo(*, keep_running: bool = False, messages: int = 3, workdir: Path | N
             ok = False
             print(f"\nFAILED: {len(sim.exchange.accepted)} of {expected} messages reached Exchange", file=out)
         else:
-            print(f"\nOK: {expected} message(s) relayed. Delivered files: {sim.outdir}", file=out)
+            print(f"\nOK: {expected} message(s) relayed. Delivered files: {sim.outdir}\n"
+                  f"(the demo's files stay in {workdir}; delete it when done)", file=out)
         if keep_running:
             print(f"\nStill running. Point your SMTP client at 127.0.0.1:{relay.port}. Ctrl-C to stop.",
                   file=out)
@@ -106,8 +106,6 @@ def run_demo(*, keep_running: bool = False, messages: int = 3, workdir: Path | N
     finally:
         relay.stop()
         sim.stop()
-        if tmp is not None and not keep_running:
-            tmp.cleanup()
     return 0 if ok else 1
 
 
