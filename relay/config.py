@@ -651,25 +651,27 @@ def _key_path(loc: tuple[str | int, ...]) -> str:
 
 
 def _resolve(node: Any, path: tuple[str | int, ...], file: str, base: Path, env: Mapping[str, str],
-             inline_secrets: list[str]) -> Any:
+             inline_secrets: list[str], read_secrets: bool = True) -> Any:
     """Expand ``${ENV}``, refuse example placeholders, read ``*_file`` secrets."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for key, value in node.items():
             if not isinstance(key, str):
                 raise ConfigError(file, _key_path((*path, str(key))), "keys must be strings")
-            out[key] = _resolve(value, (*path, key), file, base, env, inline_secrets)
+            out[key] = _resolve(value, (*path, key), file, base, env, inline_secrets, read_secrets)
         for file_key, secret_key in _SECRET_FILE_KEYS.items():
             if file_key in out:
                 if secret_key in out:
                     raise ConfigError(file, _key_path((*path, file_key)),
                                       f"give either {secret_key} or {file_key}, not both")
-                out[secret_key] = _read_secret_file(out.pop(file_key), (*path, file_key), file, base)
+                secret_file = out.pop(file_key)
+                out[secret_key] = (_read_secret_file(secret_file, (*path, file_key), file, base) if read_secrets
+                                   else "not-read")
             elif isinstance(out.get(secret_key), str) and secret_key in node and "${" not in str(node[secret_key]):
                 inline_secrets.append(_key_path((*path, secret_key)))
         return out
     if isinstance(node, list):
-        return [_resolve(v, (*path, i), file, base, env, inline_secrets) for i, v in enumerate(node)]
+        return [_resolve(v, (*path, i), file, base, env, inline_secrets, read_secrets) for i, v in enumerate(node)]
     if isinstance(node, str):
         def substitute(m: re.Match[str]) -> str:
             name = m.group(1)
@@ -744,7 +746,8 @@ def _suggest(loc: tuple[str | int, ...], raw: Any) -> str:
     return f" (did you mean {match[0]!r}?)" if match else f" (allowed: {', '.join(model.model_fields)})"
 
 
-def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
+def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
+                  read_secrets: bool = True) -> Settings:
     """Read, resolve and validate a config file. Raises ConfigError naming file and key."""
     file = str(path)
     env = os.environ if env is None else env
@@ -765,7 +768,9 @@ def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = 
     base = Path(path).resolve().parent
     load_warnings.clear()  # warnings are about the file just loaded
     inline_secrets: list[str] = []
-    resolved = _resolve(raw, (), file, base, env, inline_secrets)
+    # read_secrets=False: commands that need no credential (exchange-setup) work on an admin's
+    # machine that does not hold the secret files.
+    resolved = _resolve(raw, (), file, base, env, inline_secrets, read_secrets)
     _relative_paths(resolved, base)
     settings = settings_from_dict(resolved, file)
     if inline_secrets:

@@ -155,7 +155,7 @@ def render(settings: Settings, *, config: str = "config.yaml", redirect_uri: str
 
 
 def run_exchange_setup(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, read_secrets=False)  # no credential needed to print commands
     print(render(settings, config=str(args.config), redirect_uri=getattr(args, "redirect_uri", None),
                  object_id=getattr(args, "object_id", None),
                  service_principal_id=getattr(args, "service_principal_id", None)))

@@ -483,3 +483,19 @@ def test_exchange_setup_config_error_exits_2(tmp_path: Path) -> None:
     result = run_cli("exchange-setup", "-c", str(path))
     assert result.returncode == 2
     assert "configuration error" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_exchange_setup_works_without_the_secret_files(tmp_path: Path) -> None:
+    """An admin prints the PowerShell on their own machine, where /run/secrets does not exist."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        "apps:\n  - name: contoso\n    tenant_id: 11111111-1111-1111-1111-111111111111\n"
+        "    client_id: 22222222-2222-2222-2222-222222222222\n"
+        "    client_secret_file: /nonexistent/run/secrets/client_secret\n"
+        "mailboxes: [{address: noreply@contoso.com, app: contoso}]\n")
+    out = run_cli("exchange-setup", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "Add-MailboxPermission" in out.stdout and "noreply@contoso.com" in out.stdout
+    # Commands that need the credential still refuse a missing secret file, naming the key.
+    refused = run_cli("check", "--offline", "-c", str(cfg))
+    assert refused.returncode == 2 and "client_secret_file" in refused.stdout + refused.stderr
