@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from relay.testing.certs import AppCertificate, ServerCertificates
-from relay.testing.https import TLSHTTPServer
+from relay.testing.https import ServerThread, TLSHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -195,35 +195,18 @@ class EntraSimulator:
         self._token_counts: Counter[tuple[str, str]] = Counter()
         self._signing_key = signing_key or _shared_signing_key()
         self._kid = _b64url(hashlib.sha1(self.public_key_pem).digest())
-        self._server: _TLSHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._port = 0
+        self._service = ServerThread(
+            "entra-sim", lambda port: _TLSHTTPServer(("127.0.0.1", port), self, self._certs.server_context()))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Listen on 127.0.0.1 (an ephemeral port the first time, the same port on restart)."""
-        with self._lock:
-            if self._server is not None:
-                return
-            server = _TLSHTTPServer(("127.0.0.1", self._port), self, self._certs.server_context())
-            self._port = server.server_address[1]
-            self._server = server
-            self._thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="entra-sim", daemon=True
-            )
-            self._thread.start()
+        self._service.start()
 
     def stop(self) -> None:
         """Close the listening socket: new connections are refused until :meth:`start`."""
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        self._service.stop()
 
     def set_down(self, down: bool) -> None:
         """``True``: connection refused (server stopped); ``False``: back up on the same port."""
@@ -235,16 +218,16 @@ class EntraSimulator:
     @property
     def running(self) -> bool:
         with self._lock:
-            return self._server is not None
+            return self._service.running
 
     @property
     def port(self) -> int:
-        return self._port
+        return self._service.port
 
     @property
     def authority_host(self) -> str:
         """``https://localhost:PORT``: the host name matches the server certificate."""
-        return f"https://localhost:{self._port}"
+        return f"https://localhost:{self._service.port}"
 
     def authority(self, tenant_id: str) -> str:
         """What the relay passes to MSAL as ``authority``."""
@@ -444,12 +427,12 @@ class EntraSimulator:
         """Answer like ``https://login.microsoftonline.com/common/discovery/instance``."""
         endpoint = (query.get("authorization_endpoint") or [""])[0]
         target = urlsplit(endpoint)
-        mine = f"localhost:{self._port}"
+        mine = f"localhost:{self._service.port}"
         # MSAL sends the host without the port (it keeps only the host name of the authority).
         if endpoint and target.netloc.lower() not in (
             mine,
             "localhost",
-            f"127.0.0.1:{self._port}",
+            f"127.0.0.1:{self._service.port}",
             "127.0.0.1",
         ):
             err = EntraError(400, "invalid_instance", 50049, "Unknown or invalid instance.")

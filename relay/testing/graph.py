@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.testing.certs import ServerCertificates
 from relay.testing.entra import GRAPH_RESOURCE
-from relay.testing.https import TLSHTTPServer
+from relay.testing.https import ServerThread, TLSHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -154,43 +154,28 @@ class GraphSimulator:
         self._accepted: list[GraphMessage] = []
         self._log: list[GraphRequest] = []
         self._seq = 0
-        self._server: _GraphHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._port = 0
+        self._service = ServerThread("graph-sim", self._make_server)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def _make_server(self, port: int) -> _GraphHTTPServer:
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        return _GraphHTTPServer(("127.0.0.1", port), self, self._certs.server_context())
+
     def start(self) -> None:
-        with self._lock:
-            if self._server is not None:
-                return
-            self.outdir.mkdir(parents=True, exist_ok=True)
-            server = _GraphHTTPServer(("127.0.0.1", self._port), self, self._certs.server_context())
-            self._port = server.server_address[1]
-            self._server = server
-            self._thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="graph-sim", daemon=True
-            )
-            self._thread.start()
+        self._service.start()
 
     def stop(self) -> None:
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        self._service.stop()
 
     @property
     def port(self) -> int:
-        return self._port
+        return self._service.port
 
     @property
     def host(self) -> str:
         """``https://localhost:PORT``: what the relay's ``apps[].graph_host`` points at."""
-        return f"https://localhost:{self._port}"
+        return f"https://localhost:{self._service.port}"
 
     # -- switches ----------------------------------------------------------------------------
 
