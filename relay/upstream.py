@@ -208,6 +208,14 @@ class Submitter:
         chunks, so memory does not grow with message size times concurrency."""
         started = time.monotonic()
         rcpts = recipients if recipients is not None else envelope.rcpt_tos
+        if route.app not in self._apps or route.app not in self._tokens:
+            # Spooled under a configuration that had this app; it has since been removed. Keep the
+            # message (dead letter) with a reason an admin can act on, rather than retrying forever.
+            return Outcome(verdict=Verdict(
+                action=Action.FAILED, reason="route_unconfigured", scope=Scope.MESSAGE, code=451,
+                enhanced="4.3.5",
+                reply=f"451 4.3.5 app {route.app!r} (mailbox {route.mailbox}) is no longer configured",
+                hint="Restore the app and mailbox in the config and run `queue requeue ID`, or `queue delete ID`."))
         # The same per-mailbox slots bound Graph requests (Graph allows 4 concurrent per app+mailbox).
         async with self._pool.slots(route.mailbox, self._connections(route.mailbox)):
             outcome = None

@@ -521,3 +521,31 @@ async def test_an_answer_the_spool_cannot_take_is_written_later_not_resent(
     assert h.entry(entry).state is State.ACTIVE  # Exchange has it; the spool does not know yet
     await h.run_until(lambda: h.spool.get(entry.id) is None, limit=10)
     assert len(h.submitter.calls) == 1, "a message Exchange accepted must not be sent again"
+
+
+def test_spooled_message_for_an_app_removed_from_the_config_becomes_a_dead_letter(tmp_path: Path) -> None:
+    """After a restart with an app removed, its queued mail is kept as a dead letter with a reason an
+    admin can act on (restore and requeue, or delete), never retried forever or dropped."""
+    from relay.envelope import Envelope as Env
+    from relay.envelope import Route as Rt
+    from relay.spool import Spool as RealSpool
+    from relay.testing.harness import RelayThread, relay_config, wait_until
+    from relay.testing.m365 import SimulatedM365
+
+    with SimulatedM365.standard(tmp_path / "m365") as m365:
+        spool = RealSpool(tmp_path / "spool")
+        spool.open()
+        entry = spool.store(Env("relay@contoso.com", ("x@fabrikam.example",)),
+                            Rt(app="retired", mailbox="old@contoso.com", sender="old@contoso.com"),
+                            b"Subject: left behind\r\n\r\nbody\r\n")
+        spool.close()
+        config = relay_config(m365, tmp_path)
+        with RelayThread.from_dict(config) as relay:
+            def dead() -> bool:
+                got = relay.relay.spool.get(entry.id)
+                return got is not None and got.state.value == "dead"
+
+            wait_until(dead, 30, "the message to become a dead letter")
+            got = relay.relay.spool.get(entry.id)
+            assert got is not None and "no longer configured" in got.last_reply
+        assert m365.exchange.accepted == []
