@@ -379,8 +379,11 @@ async def stream_data(smtp: aiosmtplib.SMTP, path: Path, command_timeout: float)
     last = b"\n"
     carry = b""
     with path.open("rb") as f:
+        eof = False
         while True:
-            chunk = await asyncio.to_thread(f.read, _STREAM_CHUNK)
+            chunk = b"" if eof else await asyncio.to_thread(f.read, _STREAM_CHUNK)
+            # A regular file reads short only at its end: no second thread hop just to learn that.
+            eof = len(chunk) < _STREAM_CHUNK
             data = carry + chunk
             if not chunk:
                 block, carry = data, b""
