@@ -25,7 +25,7 @@ import secrets
 import ssl
 import time
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
@@ -488,17 +488,9 @@ class RelaySMTP(_CheapIntrospection, SMTP):
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if (refused := await self._auth_precheck()) is not None:
             return refused
-        blob: bytes | None
-        if len(args) == 1:
-            answer = await self.challenge_auth("")
-            if not isinstance(answer, bytes):
-                return AuthResult(success=False, handled=True)  # challenge_auth already replied
-            blob = answer
-        else:
-            blob = _b64(args[1])
-            if blob is None:
-                await self.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
+        blob = await self._initial_response(args, "")
+        if isinstance(blob, AuthResult):
+            return blob
         parts = blob.split(b"\x00")
         if len(parts) != 3:
             await self.push("501 5.5.2 Cannot split AUTH PLAIN value")
@@ -508,21 +500,25 @@ class RelaySMTP(_CheapIntrospection, SMTP):
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
         if (refused := await self._auth_precheck()) is not None:
             return refused
-        login: bytes | None
-        if len(args) == 1:
-            answer = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if not isinstance(answer, bytes):
-                return AuthResult(success=False, handled=True)
-            login = answer
-        else:
-            login = _b64(args[1])
-            if login is None:
-                await self.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
+        login = await self._initial_response(args, self.AuthLoginUsernameChallenge)
+        if isinstance(login, AuthResult):
+            return login
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if not isinstance(password, bytes):
             return AuthResult(success=False, handled=True)
         return await self._verify(login, password)
+
+    async def _initial_response(self, args: list[str], challenge: str) -> bytes | AuthResult:
+        """``AUTH MECH <b64>`` or, without it, a 334 challenge: the decoded bytes, or the AuthResult
+        to return when the client sent something unusable (the reply is already pushed)."""
+        if len(args) == 1:
+            answer = await self.challenge_auth(challenge)
+            return answer if isinstance(answer, bytes) else AuthResult(success=False, handled=True)
+        decoded = _b64(args[1])
+        if decoded is None:
+            await self.push("501 5.5.2 Cannot decode base64")
+            return AuthResult(success=False, handled=True)
+        return decoded
 
     async def _auth_precheck(self) -> AuthResult | None:
         if not self.auth_offered():
@@ -869,5 +865,3 @@ def make_server_tls_context(cert_file: str, key_file: str, min_version: str) -> 
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
 
-
-AcceptCallback = Callable[[RelayEnvelope, Route, BodySink], Awaitable[str]]

@@ -17,7 +17,6 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import aiosmtplib
@@ -366,6 +365,3 @@ class Relay:
         finally:
             sd_notify("READY=1")
 
-
-def spool_path(settings: Settings) -> Path:
-    return settings.spool.path

@@ -252,10 +252,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
-def standard_sim(workdir: Path, **kwargs: Any) -> SimulatedM365:
-    return SimulatedM365.standard(workdir, **kwargs).start()
-
-
 __all__ = [
     "DEMO_PASSWORD",
     "DEMO_USER",
@@ -264,7 +260,6 @@ __all__ = [
     "free_port",
     "quick_hash",
     "relay_config",
-    "standard_sim",
     "wait_for_port",
     "wait_until",
     "write_config",
