@@ -251,13 +251,15 @@ class Bench:
                 profiler = None
                 if self.args.profile and key == "new_auth" and fsync:
                     profiler = Profiler(proc.proc.pid, self.workdir / "profile-ingest.txt")
-                cpu0 = cpu_seconds(proc.proc.pid)
+                user0, sys0 = cpu_split(proc.proc.pid)
                 try:
                     r, e2e, cut = self._plain(proc.port, s.ingest, reuse=reuse, auth=auth, tag=f"{name}-{key}")
                 finally:
                     if profiler is not None:
                         self.report.profile = profiler.stop()
-                cpu = cpu_seconds(proc.proc.pid) - cpu0
+                user1, sys1 = cpu_split(proc.proc.pid)
+                user, system = user1 - user0, sys1 - sys0
+                cpu = user + system
                 self.report.values[f"{prefix}ingest_{key}"] = r.rate
                 self.report.values[f"{prefix}e2e0_{key}"] = r.sent / e2e
                 self.report.values[f"{prefix}cpu_ms_{key}"] = cpu / r.sent * 1e3
@@ -267,7 +269,8 @@ class Bench:
                 ratio = f"{r.sent / e2e / direct:.2f}x direct" if direct else ""
                 self.add(Row(f"relay end-to-end, {label}, sync_wait 0{suffix}", r.sent, e2e,
                              f"{r.sent / e2e:.0f} msg/s", ratio, f"until the last one reached Exchange; relay CPU "
-                             f"{cpu / r.sent * 1e3:.2f} ms/msg ({cpu / e2e:.0%} of a core) for ingest + delivery"))
+                             f"{cpu / r.sent * 1e3:.2f} ms/msg ({cpu / e2e:.0%} of a core; user "
+                             f"{user / r.sent * 1e3:.2f}, system {system / r.sent * 1e3:.2f}) for ingest + delivery"))
 
     def relay_sync(self) -> None:
         """sync_wait 10 (default): the client's 250 carries Exchange's queue id."""
@@ -503,8 +506,14 @@ async def _paired_latency(sim: SimProcess, token: str, relay_port: int, msgs: li
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads) from /proc/PID/stat."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (all its threads) from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _pct(values: list[float], p: float) -> float:

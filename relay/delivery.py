@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from relay.classify import Action, Scope, Verdict
+from relay.committer import GroupCommitter
 from relay.config import Settings
 from relay.envelope import Envelope, Route
 from relay.observability import Metrics
@@ -188,9 +189,12 @@ class Delivery:
         probe: Callable[[Route], Awaitable[Verdict]] | None = None,
         probe_interval: float | None = None,
         max_workers: int = 32,
+        committer: GroupCommitter | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
+        #: records deliveries in groups (shared with the listener's stores when the service wires it)
+        self.committer = committer or GroupCommitter(spool)
         self.submitter = submitter
         self.metrics = metrics
         self.clock = clock
@@ -395,7 +399,7 @@ class Delivery:
                                  f"refused for {len(all_failed)} of {len(entry.envelope.rcpt_tos)} recipient(s): "
                                  f"{first}", first, delivered=delivered, failed=failed, attempted=True)
             else:
-                await asyncio.to_thread(self.spool.mark_delivered, entry.id, verdict.reply)
+                await self.committer.mark_delivered(entry.id)
             return reply
 
         if verdict.action is Action.FAILED and not outcome.deferred:
@@ -670,6 +674,12 @@ class Delivery:
             await self._expire(now)
         next_due = await asyncio.to_thread(self.spool.next_due_at)
         return self._next_wake(next_due)
+
+    def adopt(self, entry: Entry) -> None:
+        """Take over an ACTIVE message that was stored after its client stopped waiting (the
+        connection dropped during the final fsync): deliver it now or put it back in the queue."""
+        if entry.id not in self._inflight:
+            self._start(entry)
 
     def _start(self, entry: Entry) -> None:
         route = entry.route

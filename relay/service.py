@@ -22,6 +22,7 @@ from typing import Any
 import aiosmtplib
 
 from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
+from relay.committer import GroupCommitter
 from relay.config import Settings, load_settings, load_warnings, parse_host_port
 from relay.delivery import Delivery
 from relay.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
@@ -37,7 +38,7 @@ from relay.listener import (
 )
 from relay.observability import HealthServer, Metrics
 from relay.policy import Policy
-from relay.spool import BodyWriter, Entry, Spool, State
+from relay.spool import BodyWriter, Entry, Spool, State, StoreRequest
 from relay.tokens import Token, TokenProviders
 from relay.upstream import SessionPool, Submitter, tls_context_for
 
@@ -92,7 +93,9 @@ class Relay:
                       if any(m.transport == "graph" for m in settings.mailboxes) else None)
         self.submitter = Submitter(self.pool, {a.name: a for a in settings.apps}, providers,
                                    self._connections_for, graph=self.graph)
+        self.committer = GroupCommitter(self.spool)
         self.delivery = Delivery(settings, self.spool, self.submitter, self.metrics, clock=clock,
+                                 committer=self.committer,
                                  sleep=sleep, probe=self.probe)
         self.delivery.on_dead = self.notify_dead
         self.listener_state = ListenerState(
@@ -139,8 +142,9 @@ class Relay:
                      client: str) -> str:
         assert isinstance(body, BodyWriter)
         try:
-            entry = await asyncio.to_thread(self.spool.store, envelope, route, body, message_id=message_id,
-                                            client=client, state=State.ACTIVE)
+            entry = await self.committer.store(
+                StoreRequest(envelope, route, body, message_id=message_id, client=client, state=State.ACTIVE),
+                on_orphan=self.delivery.adopt)
         except SpoolFull:
             log.error("spool full: message refused with 452", extra={"event": "spool_full", "client": client})
             raise
@@ -335,6 +339,7 @@ class Relay:
         if self.graph is not None:
             self.graph.close()
         self.tokens.close()
+        await self.committer.close()
         await asyncio.to_thread(self.spool.close)
         self._stopped.set()
         log.info("stopped", extra={"event": "stopped"})

@@ -13,6 +13,10 @@ commit with ``synchronous=FULL``). A crash between the rename and the commit lea
 row, which recovery removes: the client never got a 2xx for it. The reverse (a row without a body) can
 only come from outside interference and is moved to ``dead`` with reason ``body missing``.
 
+:meth:`Spool.commit_group` does the same for several new messages and several delivered ones at
+once (group commit: one directory fsync and one WAL fsync between them); the daemon feeds it from one
+thread (:mod:`relay.committer`) so that concurrent clients share those fsyncs.
+
 Every state change is one short ``BEGIN IMMEDIATE`` transaction, so the daemon and the
 ``oauth-smtp-relay queue`` CLI (another process) can share the database; WAL lets readers go on while
 one writes and ``busy_timeout`` makes a writer wait for the other instead of failing.
@@ -37,7 +41,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -54,6 +58,7 @@ __all__ = [
     "Spool",
     "SpoolStats",
     "State",
+    "StoreRequest",
     "benchmark_store",
     "new_queue_id",
 ]
@@ -136,6 +141,19 @@ class Entry:
                 seen.add(rcpt)
                 out.append(rcpt)
         return tuple(out)
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A received message for :meth:`Spool.commit_group`: its envelope, route and written body."""
+
+    envelope: Envelope
+    route: Route
+    body: BodyWriter
+    message_id: str = ""
+    client: str = ""
+    state: State = State.QUEUED
+    next_attempt_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -291,6 +309,7 @@ CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
 EntryList = list[Entry]
 _SELECT_BY_ID = f"SELECT {_COLUMNS} FROM messages WHERE id = ?"  # noqa: S608
 _INSERT = f"INSERT INTO messages ({_COLUMNS}, updated_at) VALUES ({', '.join('?' * 18)})"  # noqa: S608
+_DELETE = "DELETE FROM messages WHERE id = ?"
 
 
 def _route_to_json(route: Route) -> str:
@@ -589,72 +608,129 @@ class Spool:
         """
         if isinstance(body, BodyWriter):
             writer = body
-            if writer._spool is not self:
-                raise SpoolError("spool: body writer belongs to another spool")
         else:
             writer = self.writer()
             writer.write(body)  # aborts itself on error
+        request = StoreRequest(envelope, route, writer, message_id=message_id, client=client, state=state,
+                               next_attempt_at=next_attempt_at)
+        result = self.commit_group([request])[0]
+        if isinstance(result, SpoolError):
+            raise result
+        assert isinstance(result, Entry)
+        return result
+
+    def commit_group(self, stores: Sequence[StoreRequest], delivered: Sequence[str] = ()
+                     ) -> list[Entry | SpoolError | None]:
+        """Group commit: make several new messages durable and forget several delivered ones with one
+        directory fsync and one transaction (one WAL fsync) between them.
+
+        Returns one result per store (its Entry, or the SpoolError that refused it, its body removed),
+        then one per delivered id (None, or the SpoolError). Each store is durable exactly as with
+        :meth:`store`: its body fsync'd and renamed into ``bodies/``, that directory fsync'd, then
+        its row committed. If the shared transaction fails, every change is retried in a transaction
+        of its own, so one bad change cannot refuse the others and every error is its own.
+        """
+        results: list[Entry | SpoolError | None] = [None] * (len(stores) + len(delivered))
+        prepared: list[tuple[int, Entry, tuple[Any, ...]]] = []
+        for i, request in enumerate(stores):
+            try:
+                prepared.append((i, *self._commit_body(request)))
+            except SpoolError as exc:
+                results[i] = exc
+        if prepared and self._fsync:
+            try:
+                _fsync_dir(self.bodies_dir)
+            except OSError as exc:
+                error = _os_error(exc, "fsync bodies directory")
+                for i, entry, _ in prepared:
+                    self._unlink_body(entry.id)
+                    results[i] = error
+                prepared = []
+        changes: list[tuple[int, str, tuple[Any, ...]]] = [(i, _INSERT, row) for i, _, row in prepared]
+        changes += [(len(stores) + j, _DELETE, (id,)) for j, id in enumerate(delivered)]
+        errors: dict[int, SpoolError] = {}
+        try:
+            if not changes:
+                return results
+            with self._tx("store") as conn:
+                for _, sql, params in changes:
+                    conn.execute(sql, params)
+        except SpoolError as exc:
+            if len(changes) == 1:
+                errors[changes[0][0]] = exc
+            else:
+                for i, sql, params in changes:
+                    try:
+                        with self._tx("store" if sql is _INSERT else "mark delivered") as conn:
+                            conn.execute(sql, params)
+                    except SpoolError as one:
+                        errors[i] = one
+        for i, entry, _ in prepared:
+            if i in errors:
+                self._unlink_body(entry.id)
+                results[i] = errors[i]
+            else:
+                results[i] = entry
+        for j, id in enumerate(delivered):
+            i = len(stores) + j
+            if i in errors:
+                results[i] = errors[i]
+            else:
+                self._unlink_body(id)
+        return results
+
+    def _commit_body(self, request: StoreRequest) -> tuple[Entry, tuple[Any, ...]]:
+        """fsync a received body and rename it into ``bodies/``; the Entry and its row to insert."""
+        writer = request.body
+        if writer._spool is not self:
+            raise SpoolError("spool: body writer belongs to another spool")
         if writer.closed or writer._fd is None:
             raise SpoolError("spool: body writer was aborted or already stored")
         writer._finish(self._fsync)
         id = writer.id
-        final = self.bodies_dir / id
         try:
-            os.rename(writer.path, final)
+            os.rename(writer.path, self.bodies_dir / id)
         except OSError as exc:
             writer.abort()
             raise _os_error(exc, "commit body") from None
         writer.closed = True
-        try:
-            if self._fsync:
-                _fsync_dir(self.bodies_dir)
-        except OSError as exc:
-            self._unlink_body(id)
-            raise _os_error(exc, "fsync bodies directory") from None
         now = self._clock()
+        envelope, route = request.envelope, request.route
         entry = Entry(
             id=id,
             envelope=envelope,
             route=route,
-            state=State(state),
+            state=State(request.state),
             created_at=now,
-            next_attempt_at=now if next_attempt_at is None else next_attempt_at,
+            next_attempt_at=now if request.next_attempt_at is None else request.next_attempt_at,
             attempts=0,
             last_reply="",
             reason="",
-            message_id=message_id,
+            message_id=request.message_id,
             size=writer.size,
-            client=client,
+            client=request.client,
         )
-        try:
-            with self._tx("store") as conn:
-                conn.execute(
-                    _INSERT,
-                    (
-                        id,
-                        entry.state,
-                        envelope.mail_from,
-                        json.dumps(list(envelope.rcpt_tos)),
-                        json.dumps(list(envelope.mail_options)),
-                        _route_to_json(route),
-                        route.mailbox.lower(),
-                        entry.created_at,
-                        entry.next_attempt_at,
-                        0,
-                        "",
-                        "",
-                        message_id,
-                        entry.size,
-                        client,
-                        "[]",
-                        "{}",
-                        now,
-                    ),
-                )
-        except BaseException:
-            self._unlink_body(id)
-            raise
-        return entry
+        row = (
+            id,
+            entry.state,
+            envelope.mail_from,
+            json.dumps(list(envelope.rcpt_tos)),
+            json.dumps(list(envelope.mail_options)),
+            _route_to_json(route),
+            route.mailbox.lower(),
+            entry.created_at,
+            entry.next_attempt_at,
+            0,
+            "",
+            "",
+            request.message_id,
+            entry.size,
+            request.client,
+            "[]",
+            "{}",
+            now,
+        )
+        return entry, row
 
     # ----------------------------------------------------------------- reading
 
@@ -755,9 +831,9 @@ class Spool:
 
         Idempotent: an unknown id is not an error (the row is already gone).
         """
-        with self._tx("mark delivered") as conn:
-            conn.execute("DELETE FROM messages WHERE id = ?", (id,))
-        self._unlink_body(id)
+        result = self.commit_group((), (id,))[0]
+        if isinstance(result, SpoolError):
+            raise result
 
     def defer(
         self,

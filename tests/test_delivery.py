@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,9 @@ from relay.classify import Action, Scope, Stage, Verdict, classify_exception, cl
 from relay.config import Settings, settings_from_dict
 from relay.delivery import PACING_WINDOW, Delivery, Pacer, backoff
 from relay.envelope import Envelope, Route
-from relay.errors import SpoolFull, TokenError
+from relay.errors import SpoolError, SpoolFull, TokenError
 from relay.observability import Metrics
-from relay.spool import Entry, Spool, State
+from relay.spool import Entry, Spool, State, StoreRequest
 from relay.upstream import Outcome
 from tests.fakeclock import FakeClock
 
@@ -508,15 +508,15 @@ async def test_an_answer_the_spool_cannot_take_is_written_later_not_resent(
         make: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch) -> None:
     h = make()
     [entry] = h.store()
-    original = h.spool.mark_delivered
+    original = h.spool.commit_group
     failures = [SpoolFull("spool: mark delivered: database: database or disk is full")]
 
-    def flaky(id: str, reply: str) -> None:
-        if failures:
-            raise failures.pop()
-        original(id, reply)
+    def flaky(stores: Sequence[StoreRequest], delivered: Sequence[str] = ()) -> list[Entry | SpoolError | None]:
+        if delivered and failures:
+            return [*original(stores, ()), *(failures.pop() for _ in delivered)]
+        return original(stores, delivered)
 
-    monkeypatch.setattr(h.spool, "mark_delivered", flaky)
+    monkeypatch.setattr(h.spool, "commit_group", flaky)
     await h.step()
     assert h.entry(entry).state is State.ACTIVE  # Exchange has it; the spool does not know yet
     await h.run_until(lambda: h.spool.get(entry.id) is None, limit=10)
@@ -549,3 +549,16 @@ def test_spooled_message_for_an_app_removed_from_the_config_becomes_a_dead_lette
             got = relay.relay.spool.get(entry.id)
             assert got is not None and "no longer configured" in got.last_reply
         assert m365.exchange.accepted == []
+
+
+async def test_an_adopted_message_is_delivered_once(make: Callable[..., Harness]) -> None:
+    """A message stored ACTIVE after its client left (relay.committer's orphan) is delivered, not left
+    ACTIVE until the next restart; adopting it twice does not send it twice."""
+    h = make()
+    [entry] = h.store(state=State.ACTIVE)
+    await h.delivery.tick()
+    assert h.submitter.calls == [], "an ACTIVE message is nobody's to claim"
+    h.delivery.adopt(entry)
+    h.delivery.adopt(entry)
+    await h.run_until(lambda: h.spool.get(entry.id) is None, limit=10)
+    assert len(h.submitter.calls) == 1
