@@ -217,6 +217,10 @@ class Delivery:
         self._running = False
         self._run_done = asyncio.Event()
         self._next_sweep = 0.0
+        # What the last look at the spool found: the queue's version then, when, and the next due time.
+        self._seen_version = -1
+        self._seen_at = float("-inf")
+        self._next_due: float | None = None
         self.on_dead: Callable[[Entry, str], Awaitable[None] | None] | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -300,8 +304,11 @@ class Delivery:
 
     # ------------------------------------------------------------------ the sync path
 
-    async def deliver_now(self, entry: Entry, wait: float) -> str:
+    async def deliver_now(self, entry: Entry, wait: float, body: bytes | None = None) -> str:
         """The listener's immediate attempt for a message stored as ACTIVE. Returns the SMTP reply.
+
+        ``body``: the message itself when the listener still has it in memory (a small one), so the
+        attempt need not read the spool file back.
 
         If Exchange has not answered within ``wait`` seconds the attempt goes on in the background
         and the client hears ``250 queued``; the outcome is recorded when it comes (a permanent
@@ -319,7 +326,7 @@ class Delivery:
             return self.queued_reply(entry)
         waiter = _Waiter(accepted=asyncio.get_running_loop().create_future())
         assert waiter.accepted is not None
-        task = self._launch(entry, self._deliver(entry, waiter), slot, counts=True)
+        task = self._launch(entry, self._deliver(entry, waiter, body), slot, counts=True)
         try:
             await asyncio.wait({task, waiter.accepted}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -345,14 +352,15 @@ class Delivery:
 
     # ------------------------------------------------------------------ one attempt
 
-    async def _deliver(self, entry: Entry, waiter: _Waiter | None = None) -> str:
+    async def _deliver(self, entry: Entry, waiter: _Waiter | None = None, body: bytes | None = None) -> str:
         """One attempt and its bookkeeping. Never raises but for cancellation (stop): a message whose
         attempt was cancelled stays ACTIVE and is due again at the next start (spool recovery)."""
         outcome: Outcome | None = None
         try:
-            # The path, not the bytes: upstream streams the body from the spool file.
-            body = self.spool.body_path(entry.id)
-            outcome = await self.submitter.submit(entry.route, entry.envelope, body, entry.pending_recipients)
+            # Unless the listener still holds a small body: the path, not the bytes (upstream streams
+            # the body from the spool file, so memory does not grow with message size).
+            source = body if body is not None else self.spool.body_path(entry.id)
+            outcome = await self.submitter.submit(entry.route, entry.envelope, source, entry.pending_recipients)
             return await self._record(entry, outcome, waiter)
         except asyncio.CancelledError:
             raise
@@ -662,6 +670,11 @@ class Delivery:
             await self._record_again()
         self._probe_holds()
         now = self.clock()
+        if self._nothing_new(now):
+            # Woken by a finished attempt (sync mode: every message), nothing queued is due and this
+            # process changed no queued message since the last look: no need to ask the spool.
+            return self._next_wake(self._next_due)
+        version = self.spool.queue_version
         free = self.max_workers - len(self._inflight)
         if free > 0 and not self._stopping:
             plan = self._plan()
@@ -672,8 +685,16 @@ class Delivery:
         if now >= self._next_sweep:
             self._next_sweep = now + EXPIRY_SWEEP_INTERVAL
             await self._expire(now)
-        next_due = await asyncio.to_thread(self.spool.next_due_at)
-        return self._next_wake(next_due)
+        self._next_due = await asyncio.to_thread(self.spool.next_due_at)
+        self._seen_version, self._seen_at = version, now
+        return self._next_wake(self._next_due)
+
+    def _nothing_new(self, now: float) -> bool:
+        """True when the spool cannot have due work we do not know of: nothing due at the last look,
+        no change by this process since, and that look is less than POLL_INTERVAL old (changes by
+        the queue CLI, another process, are found by that poll)."""
+        return (self.spool.queue_version == self._seen_version and now - self._seen_at < POLL_INTERVAL
+                and now < self._next_sweep and (self._next_due is None or self._next_due > now))
 
     def adopt(self, entry: Entry) -> None:
         """Take over an ACTIVE message that was stored after its client stopped waiting (the

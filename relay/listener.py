@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import email.parser
 import email.policy
+import functools
 import ipaddress
 import logging
 import re
@@ -344,16 +345,14 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         (4 % of the CPU per message); same parser, same results."""
         if not arg:
             return "", ""
-        try:
-            parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-            address, rest = parse(arg)
-        except HeaderParseError:
+        parsed = _parse_path(arg)
+        if parsed is None:
             return None, None
-        addr = str(address.addr_spec)
+        addr, rest = parsed
         localpart = addr.rpartition("@")[0]
         if self.local_part_limit and len(localpart) > self.local_part_limit:
             return None, None
-        return addr, str(rest)
+        return addr, rest
 
     # ---- connection accounting -------------------------------------------------------------
 
@@ -641,6 +640,18 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         self._reset_timeout()
         await self.push(reply)
         self._set_post_data_state()
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_path(arg: str) -> tuple[str, str] | None:
+    """(address, rest of the line) of a MAIL FROM/RCPT TO argument, or None if it does not parse.
+    Remembered: applications send the same few addresses all day (command lines are short)."""
+    try:
+        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+        address, rest = parse(arg)
+    except HeaderParseError:
+        return None
+    return str(address.addr_spec), str(rest)
 
 
 _DUMMY_HASHES: dict[tuple[str, ...], str] = {}

@@ -44,6 +44,10 @@ from relay.upstream import SessionPool, Submitter, tls_context_for
 
 log = logging.getLogger("relay.service")
 
+#: A received body up to this size stays in memory for its immediate attempt (no read-back from the
+#: spool file); bigger ones are streamed from the file. Bounded: this times the connection limit.
+KEEP_IN_MEMORY = 64 * 1024
+
 
 def sd_notify(message: str) -> bool:
     """Tell systemd about our state (READY=1, STOPPING=1, WATCHDOG=1, STATUS=...). No-op outside systemd."""
@@ -135,7 +139,7 @@ class Relay:
     # ------------------------------------------------------------------ Intake (for the listener)
 
     def new_body(self) -> BodySink:
-        writer: BodyWriter = self.spool.writer()
+        writer: BodyWriter = self.spool.writer(keep=KEEP_IN_MEMORY)
         return writer
 
     async def accept(self, envelope: Envelope, route: Route, body: BodySink, *, message_id: str,
@@ -153,7 +157,7 @@ class Relay:
                                     "client": client, "mailbox": route.mailbox,
                                     "recipients": len(envelope.rcpt_tos), "size": entry.size,
                                     **({"note": "; ".join(route.notes)} if route.notes else {})})
-        return await self.delivery.deliver_now(entry, self.settings.delivery.sync_wait)
+        return await self.delivery.deliver_now(entry, self.settings.delivery.sync_wait, body=body.kept())
 
     # ------------------------------------------------------------------ DSNs
 

@@ -211,11 +211,14 @@ class BodyWriter:
     file has been removed, so a failed write leaves nothing behind.
     """
 
-    def __init__(self, spool: Spool, id: str, path: Path) -> None:
+    def __init__(self, spool: Spool, id: str, path: Path, keep: int = 0) -> None:
         self._spool = spool
         self.id = id
         self.path = path
         self.size = 0
+        #: A copy in memory while the body is at most ``keep`` bytes (see :meth:`kept`).
+        self._keep = keep
+        self._kept: list[bytes] | None = [] if keep > 0 else None
         self._hash = hashlib.sha256()
         self._fd: int | None = None
         self.closed = False
@@ -242,6 +245,16 @@ class BodyWriter:
             raise _os_error(exc, "write body") from None
         self.size += len(data)
         self._hash.update(data)
+        if self._kept is not None:
+            if self.size <= self._keep:
+                self._kept.append(bytes(data))
+            else:
+                self._kept = None
+
+    def kept(self) -> bytes | None:
+        """The whole body, if it was small enough to keep a copy (``keep``): the immediate attempt
+        sends it from memory instead of reading the file back. None for a bigger body."""
+        return b"".join(self._kept) if self._kept is not None else None
 
     def _finish(self, fsync: bool) -> None:
         """Flush the file to disk and close it (before the rename into bodies/)."""
@@ -379,6 +392,11 @@ class Spool:
         self._fsync = fsync
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        #: Bumped by every change of this process that may make a QUEUED message due (store as
+        #: QUEUED, defer, unclaim, release, retry, requeue): the scheduler need not look for due
+        #: work while it is unchanged and nothing it knows of is due (it still polls for the CLI's
+        #: changes, made by another process).
+        self.queue_version = 0
         self._lock_fd: int | None = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -576,8 +594,9 @@ class Spool:
         st = os.statvfs(self.path)
         return st.f_bavail * st.f_frsize
 
-    def writer(self) -> BodyWriter:
-        """A writer for a new body in ``tmp/``; its id becomes the queue id.
+    def writer(self, keep: int = 0) -> BodyWriter:
+        """A writer for a new body in ``tmp/``; its id becomes the queue id. It keeps a copy of a
+        body of at most ``keep`` bytes in memory (:meth:`BodyWriter.kept`).
 
         Raises SpoolFull while free space is below ``min_free``."""
         if self.min_free:
@@ -588,7 +607,7 @@ class Spool:
             if free < self.min_free:
                 raise SpoolFull(f"spool: only {free} bytes free on {self.path}, below min_free {self.min_free}")
         id = new_queue_id(self._clock())
-        return BodyWriter(self, id, self.tmp_dir / id)
+        return BodyWriter(self, id, self.tmp_dir / id, keep)
 
     def store(
         self,
@@ -671,6 +690,8 @@ class Spool:
                 results[i] = errors[i]
             else:
                 results[i] = entry
+                if entry.state is State.QUEUED:
+                    self.queue_version += 1
         for j, id in enumerate(delivered):
             i = len(stores) + j
             if i in errors:
@@ -874,6 +895,7 @@ class Spool:
                 ),
             )
             new = self._fetch(conn, id)
+        self.queue_version += 1
         assert new is not None
         return _row_to_entry(new)
 
@@ -942,7 +964,10 @@ class Spool:
             sql += " AND id = ?"
             args += (id,)
         with self._tx(f"change {from_state}") as conn:
-            return conn.execute(sql, args).rowcount
+            changed: int = conn.execute(sql, args).rowcount
+        if changed and params[:1] != (State.HOLD,):
+            self.queue_version += 1  # unclaim, release, retry, requeue: not hold
+        return changed
 
     def hold(self, id: str, reason: str) -> bool:
         """QUEUED -> HOLD (admin hold). False if not QUEUED (ACTIVE: a worker has it; try later)."""

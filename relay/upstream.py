@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 
@@ -299,10 +299,7 @@ class Submitter:
                     return Outcome(verdict=verdict, failed=failed, deferred=tuple(deferred))
                 return Outcome(verdict=first, failed=failed)
             stage = Stage.DATA
-            if isinstance(body, Path):
-                response = await stream_data(session.smtp, body, self._pool.timeout)
-            else:
-                response = await session.smtp.data(body)
+            response = await stream_data(session.smtp, body, self._pool.timeout)
             session.messages += 1
             self._pool.release(session)
             session = None
@@ -354,6 +351,12 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 def _wire_block(block: bytes, at_line_start: bool) -> bytes:
     """CRLF line endings and dot-stuffing (RFC 5321 4.5.2) for a block of the message."""
+    crlf = block.count(b"\r\n")
+    if block.count(b"\n") == crlf and block.count(b"\r") == crlf:
+        # Already CRLF throughout (what the listener stores): plain byte replaces, no regex.
+        if b"\n." in block:
+            block = block.replace(b"\n.", b"\n..")
+        return b"." + block if at_line_start and block[:1] == b"." else block
     block = _LINE_ENDINGS.sub(b"\r\n", block)
     if at_line_start:
         return _LEADING_DOT.sub(b"..", block)
@@ -361,9 +364,11 @@ def _wire_block(block: bytes, at_line_start: bool) -> bytes:
     return _LEADING_DOT.sub(b"..", b"x" + block)[1:]
 
 
-async def stream_data(smtp: aiosmtplib.SMTP, path: Path, command_timeout: float) -> aiosmtplib.SMTPResponse:
-    """DATA from a spool file in chunks: the same bytes aiosmtplib's ``data()`` would send (CRLF
-    normalised, dot-stuffed), without ever holding the whole message in memory.
+async def stream_data(smtp: aiosmtplib.SMTP, source: Path | bytes,
+                      command_timeout: float) -> aiosmtplib.SMTPResponse:
+    """DATA from a spool file in chunks (or from a small message in memory): the same bytes
+    aiosmtplib's ``data()`` would send (CRLF normalised, dot-stuffed), without ever holding a big
+    message in memory.
 
     Blocks are cut after a LF (never after a CR, which may pair with the next LF), so each block's
     line endings and leading dots are handled exactly as for the whole message.
@@ -374,6 +379,18 @@ async def stream_data(smtp: aiosmtplib.SMTP, path: Path, command_timeout: float)
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    if isinstance(source, bytes):
+        out = _wire_block(source, True)
+        protocol.write(out + (b".\r\n" if out.endswith(b"\r\n") else b"\r\n.\r\n"))
+    else:
+        await _stream_file(protocol, source)
+    response = await protocol.read_response(timeout=command_timeout)
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
+async def _stream_file(protocol: Any, path: Path) -> None:
     drain = getattr(protocol, "_drain_helper", None)  # flow control: wait while the socket buffer is full
     at_line_start = True
     last = b"\n"
@@ -402,10 +419,6 @@ async def stream_data(smtp: aiosmtplib.SMTP, path: Path, command_timeout: float)
             if not chunk:
                 break
     protocol.write(b".\r\n" if last.endswith(b"\r\n") else b"\r\n.\r\n")
-    response = await protocol.read_response(timeout=command_timeout)
-    if response.code != 250:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    return response
 
 
 def _supported(smtp: aiosmtplib.SMTP, option: str) -> bool:

@@ -19,7 +19,7 @@ import pytest
 
 from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
 from relay.config import Settings, settings_from_dict
-from relay.delivery import PACING_WINDOW, Delivery, Pacer, backoff
+from relay.delivery import PACING_WINDOW, POLL_INTERVAL, Delivery, Pacer, backoff
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError, SpoolFull, TokenError
 from relay.observability import Metrics
@@ -562,3 +562,39 @@ async def test_an_adopted_message_is_delivered_once(make: Callable[..., Harness]
     h.delivery.adopt(entry)
     await h.run_until(lambda: h.spool.get(entry.id) is None, limit=10)
     assert len(h.submitter.calls) == 1
+
+
+async def test_scheduler_skips_the_spool_while_nothing_new_and_still_polls_for_other_processes(
+        make: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    h = make()
+    looks: list[float] = []
+    original = h.spool.next_due_at
+
+    def counting() -> float | None:
+        looks.append(h.clock())
+        return original()
+
+    monkeypatch.setattr(h.spool, "next_due_at", counting)
+    [entry] = h.store(state=State.ACTIVE)
+    await h.step()
+    assert len(looks) == 1
+    assert await h.delivery.deliver_now(entry, 5) != ""
+    await h.step()
+    await h.step()
+    assert len(looks) == 1, "a finished sync delivery with nothing queued must not cost a spool query"
+    h.store()  # this process queued a message: the very next round looks
+    await h.step()
+    assert len(looks) == 2 and len(h.submitter.calls) == 2
+    # The queue CLI (another process, another Spool) makes a message due: found by the poll.
+    other = Spool(h.spool.path, clock=h.clock, fsync=False)
+    other.open(recover=False)
+    try:
+        queued = other.store(Envelope("app@contoso.com", ("x@fabrikam.example",)), ROUTE, b"from the CLI")
+    finally:
+        other.close()
+    await h.step()
+    assert len(h.submitter.calls) == 2, "not seen before the poll interval"
+    h.clock.advance(POLL_INTERVAL)
+    await h.step()
+    assert len(h.submitter.calls) == 3
+    assert h.spool.get(queued.id) is None

@@ -812,3 +812,21 @@ def test_min_free_refuses_new_bodies_but_not_queue_changes(tmp_path: Path) -> No
         writer.abort()
     finally:
         spool.close()
+
+
+def test_writer_keeps_a_small_body_in_memory_and_drops_a_big_one(spool: Spool) -> None:
+    small = spool.writer(keep=100)
+    small.write(b"Subject: a\r\n\r\n")
+    small.write(b"body\r\n")
+    assert small.kept() == b"Subject: a\r\n\r\nbody\r\n"
+    entry = spool.store(ENV, ROUTE, small)
+    assert spool.body_path(entry.id).read_bytes() == b"Subject: a\r\n\r\nbody\r\n"
+    big = spool.writer(keep=100)
+    big.write(b"x" * 60)
+    big.write(b"y" * 60)
+    assert big.kept() is None, "over the limit: the file is the only copy"
+    big.abort()
+    plain = spool.writer()
+    plain.write(b"z")
+    assert plain.kept() is None, "keep=0 (the default): nothing kept"
+    plain.abort()

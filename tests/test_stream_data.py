@@ -61,6 +61,13 @@ _pieces = st.sampled_from([b"\r\n", b"\n", b"\r", b".", b"..", b"a", b"\r\n.", b
 def test_stream_matches_aiosmtplib(body: bytes, chunk: int, tmp_path_factory: pytest.TempPathFactory) -> None:
     tmp = tmp_path_factory.mktemp("s")
     assert streamed(body, tmp, chunk) == expected_wire(body)
+    assert from_memory(body) == expected_wire(body), "a small body sent from memory: the same bytes"
+
+
+def from_memory(body: bytes) -> bytes:
+    smtp = _Smtp()
+    asyncio.run(upstream.stream_data(smtp, body, 5))  # type: ignore[arg-type]
+    return bytes(smtp.protocol.sent)
 
 
 def test_stream_large_message_in_chunks(tmp_path: Path) -> None:
