@@ -289,9 +289,68 @@ class Bench:
             if self.args.quick and self._wanted("memory"):
                 self.memory(shared=proc)
 
-    def latency(self, relay_port: int) -> None:
+    def floor(self) -> None:
+        """The thinnest forwarder built from the same libraries (bench/floor.py): what the relay's
+        end-to-end rate and added latency would be with no spool, policy or bookkeeping at all."""
+        import select
+        import subprocess
+
+        from relay.testing.harness import free_port
+
+        assert self.sim is not None
+        s = self.sizes
+
+        @contextlib.contextmanager
+        def forwarder(sessions: int) -> Iterator[int]:
+            port = free_port()
+            assert self.sim is not None
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.floor", str(port), self.sim.smtp_host, str(self.sim.smtp_port),
+                 str(self.sim.ca_file), MAILBOX, self.sim.token(), str(sessions)],
+                stdout=subprocess.PIPE, stderr=(self.workdir / "floor.log").open("ab"),
+                cwd=str(Path(__file__).resolve().parent.parent))
+            try:
+                assert proc.stdout is not None
+                ready, _, _ = select.select([proc.stdout], [], [], 60)
+                if not ready or proc.stdout.readline().strip() != b"ready":
+                    raise BenchError(f"the floor forwarder did not start (exit code {proc.poll()}); see floor.log")
+                yield port
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+
+        with forwarder(0) as port:
+            msgs = self.messages(s.ingest, tag="sink")
+            r = asyncio.run(run_plain("127.0.0.1", port, msgs, concurrency=s.clients, reuse=False, auth=None,
+                                      deadline=s.deadline))
+            cut = self.check(r, "sink", s.ingest)
+            self.report.values["floor_sink_rate"] = r.rate
+            ours = self.report.values.get("ingest_new_noauth")
+            self.add(Row(f"floor: bare aiosmtpd sink (250, then discard), new connection per message, no AUTH, "
+                         f"{s.clients} clients", r.sent, r.duration, f"{r.rate:.0f} msg/s", "",
+                         cut + (f"the relay's no-AUTH ingest row is {ours / r.rate:.2f}x this; " if ours else "")
+                         + "what accepting SMTP with aiosmtpd costs here, before any work"))
+        with forwarder(s.upstream_connections) as port:
+            r, e2e, cut = self._plain(port, s.e2e, reuse=True, auth=True, tag="floor")
+            rate = r.sent / e2e
+            self.report.values["floor_rate"] = rate
+            direct = self.report.values.get("direct_rate")
+            relay = self.report.values.get("e2e10_reused_auth")
+            self.add(Row(f"floor: bare aiosmtpd -> aiosmtplib forwarder, no spool/policy/logs, reused connections, "
+                         f"{s.clients} clients", r.sent, e2e, f"{rate:.0f} msg/s",
+                         f"{rate / direct:.2f}x direct" if direct else "",
+                         cut + (f"the relay's sync row is {relay / rate:.2f}x this; " if relay else "")
+                         + "the best any relay built from these libraries can do here"))
+            self.latency(port, label="floor forwarder", key="floor")
+
+    def latency(self, relay_port: int, label: str = "relay, sync_wait 10s", key: str = "relay") -> None:
         """Sequential single messages, alternating direct / relay on two warm aiosmtplib connections."""
         assert self.sim is not None
+        suffix = "" if key == "relay" else f"_{key}"
         n = self.sizes.latency
         token = self.sim.token()
         msgs = self.messages(n + 3, tag="latency")
@@ -300,13 +359,14 @@ class Bench:
             raise BenchError(f"latency series incomplete: {len(direct_l)} direct, {len(relay_l)} relay of {n}")
         d50, d99 = _pct(direct_l, 50), _pct(direct_l, 99)
         r50, r99 = _pct(relay_l, 50), _pct(relay_l, 99)
-        self.report.values.update(lat_direct_p50=d50, lat_direct_p99=d99, lat_relay_p50=r50, lat_relay_p99=r99)
+        self.report.values.update({f"lat_direct_p50{suffix}": d50, f"lat_direct_p99{suffix}": d99,
+                                   f"lat_{key}_p50": r50, f"lat_{key}_p99": r99})
         self.add(Row("latency, direct to simulated Exchange (sequential, warm session)", n, sum(direct_l),
-                     f"p50 {d50 * 1e3:.2f} ms, p99 {d99 * 1e3:.2f} ms"))
-        self.add(Row("latency, through the relay, sync_wait 10s (sequential, warm client connection)", n,
+                     f"p50 {d50 * 1e3:.2f} ms, p99 {d99 * 1e3:.2f} ms", "", f"paired with the {label} row below"))
+        self.add(Row(f"latency, through the {label} (sequential, warm client connection)", n,
                      sum(relay_l), f"p50 {r50 * 1e3:.2f} ms, p99 {r99 * 1e3:.2f} ms",
                      f"+{(r50 - d50) * 1e3:.2f} / +{(r99 - d99) * 1e3:.2f} ms",
-                     "added p50 / p99 (includes spool write + fsync)"))
+                     "added p50 / p99" + (" (includes spool write + fsync)" if key == "relay" else "")))
 
     def memory(self, shared: Any = None) -> None:
         """Peak RSS growth for one big message and for several concurrent ones.
@@ -442,6 +502,7 @@ class Bench:
             steps: list[tuple[str, Callable[[], None]]] = [
                 ("direct", self.direct_ceiling), ("ingest", self.relay_ingest),
                 *([("fsync-off", self.fsync_off)] if self.args.fsync_off else []), ("sync", self.relay_sync),
+                ("floor", self.floor),
                 ("memory", self.memory), ("tokens", self.first_connections), ("peers", self.peers),
             ]
             for name, step in steps:
@@ -605,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", choices=["auto", "none"], default=None,
                    help="auto: measure Postfix and email-oauth2-proxy when they can run here (default of the full "
                         "run); none: skip them (default of --quick)")
-    p.add_argument("--only", help="comma list of steps: direct,ingest,sync,memory,tokens,peers")
+    p.add_argument("--only", help="comma list of steps: direct,ingest,sync,floor,memory,tokens,peers")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the message counts (not sizes)")
     p.add_argument("--profile", action="store_true",
                    help="sample the relay with py-spy during ingest (new connection, AUTH) and print where the "

@@ -25,4 +25,5 @@ def test_bench_quick_runs_and_prints_the_table(tmp_path: Path) -> None:
     assert "| scenario | messages | seconds | result | ratio | notes |" in proc.stdout
     assert "| target | measured | wanted | verdict |" in proc.stdout
     assert "relay ingest, new connection per message" in proc.stdout
+    assert "floor: bare aiosmtpd -> aiosmtplib forwarder" in proc.stdout
     assert (tmp_path / "bench.json").exists()
