@@ -598,3 +598,27 @@ async def test_scheduler_skips_the_spool_while_nothing_new_and_still_polls_for_o
     await h.step()
     assert len(h.submitter.calls) == 3
     assert h.spool.get(queued.id) is None
+
+
+async def test_sync_wait_zero_starts_at_once_when_a_connection_is_free_else_queues(
+        make: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    h = make(per_mailbox={"per_minute": 0, "connections": 1})
+    h.submitter.gate = asyncio.Event()
+    unclaimed: list[str] = []
+    original = h.spool.unclaim
+
+    def recording(id: str, next_attempt_at: float, reason: str | None = None) -> bool:
+        unclaimed.append(id)
+        return original(id, next_attempt_at, reason)
+
+    monkeypatch.setattr(h.spool, "unclaim", recording)
+    first, second = h.store(2, state=State.ACTIVE)
+    assert (await h.delivery.deliver_now(first, 0)).startswith("250 2.0.0 Ok: queued as")
+    await asyncio.sleep(0)
+    assert [c.route.mailbox for c in h.submitter.calls] == [MAILBOX] and unclaimed == [], \
+        "the free connection takes the message at once, without a round trip through the queue"
+    assert (await h.delivery.deliver_now(second, 0)).startswith("250 2.0.0 Ok: queued as")
+    assert unclaimed == [second.id] and h.entry(second).state is State.QUEUED, "no connection free: queued"
+    h.submitter.gate.set()
+    await h.run_until(lambda: not h.spool.list(), limit=30)
+    assert len(h.submitter.calls) == 2
