@@ -26,6 +26,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ LOCAL_ERROR_RETRY = 60.0
 #: The scheduler looks at the spool at least this often: the queue CLI (another process) may have made
 #: something due without telling us.
 POLL_INTERVAL = 1.0
+#: At most this many new messages wait in memory for a connection (see Delivery._ready); more go
+#: through the queue.
+READY_MAX = 128
 
 #: Pacing window. Exchange counts a submission when it accepts it; we count it from the moment it
 #: starts until it ends (see :class:`Pacer`), plus one second of margin for clocks and rounding.
@@ -191,6 +195,7 @@ class Delivery:
         max_workers: int = 32,
         committer: GroupCommitter | None = None,
     ) -> None:
+        self._limits: dict[str, tuple[int, int]] = {}
         self.settings = settings
         self.spool = spool
         #: records deliveries in groups (shared with the listener's stores when the service wires it)
@@ -212,6 +217,11 @@ class Delivery:
         #: Outcomes the spool could not take (disk full...): written again each round until it does,
         #: so a message Exchange accepted is not sent again. Those messages stay ACTIVE meanwhile.
         self._unrecorded: dict[str, tuple[Entry, Outcome]] = {}
+        #: New messages (ACTIVE, with their body if the listener kept it) that nobody waits for and
+        #: that only wait for a connection of their mailbox: started when one frees, without a round
+        #: trip through the queue (unclaim, then claim). Bounded; a crash leaves them ACTIVE, which
+        #: spool recovery makes due again at the next start.
+        self._ready: deque[tuple[Entry, bytes | None]] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
         self._running = False
@@ -236,10 +246,31 @@ class Delivery:
     def probe_interval(self, seconds: float | None) -> None:
         self._probe_interval = seconds
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """A reload: the per-mailbox limits are looked up again."""
+        self._settings = settings
+        self._limits.clear()
+
+    def _mailbox_limits(self, key: str) -> tuple[int, int]:
+        """(connections, per_minute) of a mailbox (lower case), from the settings (several times a message:
+        remembered until the next reload)."""
+        limits = self._limits.get(key)
+        if limits is None:
+            mbx = self.settings.mailbox(key)
+            default = self.settings.delivery.per_mailbox
+            limits = ((self.settings.mailbox_connections(mbx), self.settings.mailbox_per_minute(mbx)) if mbx
+                      else (default.connections, default.per_minute))
+            self._limits[key] = limits
+        return limits
+
     def pacer(self, mailbox: str) -> Pacer:
         key = _key(mailbox)
-        mbx = self.settings.mailbox(key)
-        per_minute = self.settings.mailbox_per_minute(mbx) if mbx else self.settings.delivery.per_mailbox.per_minute
+        per_minute = self._mailbox_limits(key)[1]
         pacer = self._pacers.get(key)
         if pacer is None:
             pacer = self._pacers[key] = Pacer(per_minute, self.clock)
@@ -247,8 +278,7 @@ class Delivery:
         return pacer
 
     def connections(self, mailbox: str) -> int:
-        mbx = self.settings.mailbox(mailbox)
-        return self.settings.mailbox_connections(mbx) if mbx else self.settings.delivery.per_mailbox.connections
+        return self._mailbox_limits(_key(mailbox))[0]
 
     def busy(self, mailbox: str) -> int:
         """Attempts in flight for a mailbox (sync and scheduled)."""
@@ -326,6 +356,10 @@ class Delivery:
             if slot is not None:
                 self._launch(entry, self._deliver(entry, None, body), slot, counts=True)
                 return self.queued_reply(entry)
+        elif (wait <= 0 and not self._stopping and self.blocked(route) is None and len(self._ready) < READY_MAX
+              and self.pacer(route.mailbox).available() > 0):
+            self._ready.append((entry, body))  # every connection busy: next in line when one frees
+            return self.queued_reply(entry)
         if slot is None:
             block = self.blocked(route)
             why = f"{block.kind} {block.scope} {block.name}: {block.reason}" if block is not None else None
@@ -678,6 +712,8 @@ class Delivery:
             await self._record_again()
         self._probe_holds()
         now = self.clock()
+        if self._ready:
+            self._start_ready()
         if self._nothing_new(now):
             # Woken by a finished attempt (sync mode: every message), nothing queued is due and this
             # process changed no queued message since the last look: no need to ask the spool.
@@ -697,11 +733,29 @@ class Delivery:
         self._seen_version, self._seen_at = version, now
         return self._next_wake(self._next_due)
 
+    def _start_ready(self) -> None:
+        """Start the waiting new messages whose mailbox has a connection free (oldest first); those
+        of a mailbox now held, paused or out of pacing slots go back to the queue."""
+        still: deque[tuple[Entry, bytes | None]] = deque()
+        for entry, body in self._ready:
+            route = entry.route
+            if not self._stopping and self.blocked(route) is None and (
+                    self.busy(route.mailbox) >= self.connections(route.mailbox)):
+                still.append((entry, body))
+                continue
+            slot = self.pacer(route.mailbox).take() if self._may_start(route) else None
+            if slot is None:
+                self._launch(entry, self._requeue(entry), None, counts=False)
+            else:
+                self._launch(entry, self._deliver(entry, None, body), slot, counts=True)
+        self._ready = still
+
     def _nothing_new(self, now: float) -> bool:
         """True when the spool cannot have due work we do not know of: nothing due at the last look,
         no change by this process since, and that look is less than POLL_INTERVAL old (changes by
         the queue CLI, another process, are found by that poll)."""
-        return (self.spool.queue_version == self._seen_version and now - self._seen_at < POLL_INTERVAL
+        return (not self._ready and self.spool.queue_version == self._seen_version
+                and now - self._seen_at < POLL_INTERVAL
                 and now < self._next_sweep and (self._next_due is None or self._next_due > now))
 
     def adopt(self, entry: Entry) -> None:
@@ -794,6 +848,12 @@ class Delivery:
         if self._running:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._run_done.wait(), timeout=max(grace, 0.1))
+        if self._ready:
+            # Not started: back to the queue (QUEUED, due now) so the queue CLI sees them as waiting.
+            waiting = [entry.id for entry, _ in self._ready]
+            self._ready.clear()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(lambda: [self.spool.unclaim(id, self.clock()) for id in waiting])
         for task in [*self._probes.values(), *self._aux]:
             task.cancel()
         tasks = [f.task for f in self._inflight.values()]

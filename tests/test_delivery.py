@@ -618,7 +618,35 @@ async def test_sync_wait_zero_starts_at_once_when_a_connection_is_free_else_queu
     assert [c.route.mailbox for c in h.submitter.calls] == [MAILBOX] and unclaimed == [], \
         "the free connection takes the message at once, without a round trip through the queue"
     assert (await h.delivery.deliver_now(second, 0)).startswith("250 2.0.0 Ok: queued as")
-    assert unclaimed == [second.id] and h.entry(second).state is State.QUEUED, "no connection free: queued"
+    assert unclaimed == [] and h.entry(second).state is State.ACTIVE, "no connection free: next in line"
     h.submitter.gate.set()
     await h.run_until(lambda: not h.spool.list(), limit=30)
-    assert len(h.submitter.calls) == 2
+    assert len(h.submitter.calls) == 2 and unclaimed == [], "started when the connection freed, never requeued"
+
+
+async def test_waiting_new_messages_go_back_to_the_queue_on_a_hold_and_on_stop(
+        make: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    h = make(per_mailbox={"per_minute": 0, "connections": 1})
+    h.submitter.gate = asyncio.Event()
+    first, second, third = h.store(3, state=State.ACTIVE)
+    for entry in (first, second, third):
+        await h.delivery.deliver_now(entry, 0)
+    await asyncio.sleep(0)
+    assert len(h.submitter.calls) == 1 and {h.entry(e).state for e in (second, third)} == {State.ACTIVE}
+    verdict = classify_reply(535, AUTH_FAILED, Stage.AUTH)
+    h.delivery._block("hold", verdict, ROUTE)
+    await h.delivery.tick()
+    async with asyncio.timeout(10):
+        while {h.entry(e).state for e in (second, third)} != {State.QUEUED}:
+            await asyncio.sleep(0.01)
+    assert "hold" in h.entry(second).reason, "queue list says why it waits"
+    h.delivery.release("mailbox", MAILBOX)
+    h.submitter.gate.set()
+    await h.run_until(lambda: not h.spool.list(), limit=60)
+    # A message still waiting in memory when the relay stops goes back to the queue, due now.
+    h.submitter.gate.clear()
+    fourth, fifth = h.store(2, state=State.ACTIVE)
+    await h.delivery.deliver_now(fourth, 0)
+    await h.delivery.deliver_now(fifth, 0)
+    await h.delivery.stop(0.1)
+    assert h.entry(fifth).state is State.QUEUED and h.entry(fifth).next_attempt_at <= h.clock()
