@@ -357,8 +357,10 @@ class Delivery:
                 self._launch(entry, self._deliver(entry, None, body), slot, counts=True)
                 return self.queued_reply(entry)
         elif (wait <= 0 and not self._stopping and self.blocked(route) is None and len(self._ready) < READY_MAX
-              and self.pacer(route.mailbox).available() > 0):
-            self._ready.append((entry, body))  # every connection busy: next in line when one frees
+              and self.pacer(route.mailbox).available() > 0 and self._queue_idle(self.clock())):
+            # Every connection busy and nothing older waiting in the queue (which must not be
+            # overtaken for long): next in line when a connection frees.
+            self._ready.append((entry, body))
             return self.queued_reply(entry)
         if slot is None:
             block = self.blocked(route)
@@ -754,9 +756,12 @@ class Delivery:
         """True when the spool cannot have due work we do not know of: nothing due at the last look,
         no change by this process since, and that look is less than POLL_INTERVAL old (changes by
         the queue CLI, another process, are found by that poll)."""
-        return (not self._ready and self.spool.queue_version == self._seen_version
-                and now - self._seen_at < POLL_INTERVAL
-                and now < self._next_sweep and (self._next_due is None or self._next_due > now))
+        return not self._ready and now - self._seen_at < POLL_INTERVAL and now < self._next_sweep and (
+            self._queue_idle(now))
+
+    def _queue_idle(self, now: float) -> bool:
+        """Nothing queued was due at the last look and this process has queued nothing since."""
+        return self.spool.queue_version == self._seen_version and (self._next_due is None or self._next_due > now)
 
     def adopt(self, entry: Entry) -> None:
         """Take over an ACTIVE message that was stored after its client stopped waiting (the

@@ -613,6 +613,7 @@ async def test_sync_wait_zero_starts_at_once_when_a_connection_is_free_else_queu
 
     monkeypatch.setattr(h.spool, "unclaim", recording)
     first, second = h.store(2, state=State.ACTIVE)
+    await h.step()  # the scheduler has looked: nothing queued
     assert (await h.delivery.deliver_now(first, 0)).startswith("250 2.0.0 Ok: queued as")
     await asyncio.sleep(0)
     assert [c.route.mailbox for c in h.submitter.calls] == [MAILBOX] and unclaimed == [], \
@@ -629,6 +630,7 @@ async def test_waiting_new_messages_go_back_to_the_queue_on_a_hold_and_on_stop(
     h = make(per_mailbox={"per_minute": 0, "connections": 1})
     h.submitter.gate = asyncio.Event()
     first, second, third = h.store(3, state=State.ACTIVE)
+    await h.step()
     for entry in (first, second, third):
         await h.delivery.deliver_now(entry, 0)
     await asyncio.sleep(0)
@@ -646,7 +648,27 @@ async def test_waiting_new_messages_go_back_to_the_queue_on_a_hold_and_on_stop(
     # A message still waiting in memory when the relay stops goes back to the queue, due now.
     h.submitter.gate.clear()
     fourth, fifth = h.store(2, state=State.ACTIVE)
+    await h.step()
     await h.delivery.deliver_now(fourth, 0)
     await h.delivery.deliver_now(fifth, 0)
     await h.delivery.stop(0.1)
     assert h.entry(fifth).state is State.QUEUED and h.entry(fifth).next_attempt_at <= h.clock()
+
+
+async def test_new_messages_do_not_overtake_older_queued_ones(make: Callable[..., Harness]) -> None:
+    """The in-memory line is for when the queue has nothing due: else a steady stream of new mail
+    could keep older queued messages waiting."""
+    h = make(per_mailbox={"per_minute": 0, "connections": 1})
+    h.submitter.gate = asyncio.Event()
+    [busy] = h.store(1, state=State.ACTIVE)
+    await h.step()
+    await h.delivery.deliver_now(busy, 0)  # takes the one connection
+    env = Envelope("app@contoso.com", ("to@fabrikam.example",))
+    h.spool.store(env, ROUTE, b"older")  # queued and due
+    await h.delivery.tick()
+    new = h.spool.store(env, ROUTE, b"new", state=State.ACTIVE)
+    await h.delivery.deliver_now(new, 0)
+    assert h.entry(new).state is State.QUEUED, "queued behind the older message, not ahead of it"
+    h.submitter.gate.set()
+    await h.run_until(lambda: not h.spool.list(), limit=30)
+    assert [c.message for c in h.submitter.calls][1:] == ["older", "new"]
