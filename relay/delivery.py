@@ -54,9 +54,11 @@ LOCAL_ERROR_RETRY = 60.0
 #: The scheduler looks at the spool at least this often: the queue CLI (another process) may have made
 #: something due without telling us.
 POLL_INTERVAL = 1.0
-#: At most this many new messages wait in memory for a connection (see Delivery._ready); more go
-#: through the queue.
-READY_MAX = 128
+#: At most this many new messages wait in memory for a connection (see Delivery._ready), enough for a
+#: burst of several seconds; more go through the queue. Only the first READY_BODIES keep their body
+#: in memory (at most 64 KiB each, relay.service.KEEP_IN_MEMORY); the others are read from the spool.
+READY_MAX = 1024
+READY_BODIES = 128
 
 #: Pacing window. Exchange counts a submission when it accepts it; we count it from the moment it
 #: starts until it ends (see :class:`Pacer`), plus one second of margin for clocks and rounding.
@@ -221,7 +223,8 @@ class Delivery:
         #: that only wait for a connection of their mailbox: started when one frees, without a round
         #: trip through the queue (unclaim, then claim). Bounded; a crash leaves them ACTIVE, which
         #: spool recovery makes due again at the next start.
-        self._ready: deque[tuple[Entry, bytes | None]] = deque()
+        self._ready: dict[str, deque[tuple[Entry, bytes | None]]] = {}  # per mailbox (lower case), oldest first
+        self._ready_count = 0
         self._wake = asyncio.Event()
         self._stopping = False
         self._running = False
@@ -356,11 +359,13 @@ class Delivery:
             if slot is not None:
                 self._launch(entry, self._deliver(entry, None, body), slot, counts=True)
                 return self.queued_reply(entry)
-        elif (wait <= 0 and not self._stopping and self.blocked(route) is None and len(self._ready) < READY_MAX
+        elif (wait <= 0 and not self._stopping and self.blocked(route) is None and self._ready_count < READY_MAX
               and self.pacer(route.mailbox).available() > 0 and self._queue_idle(self.clock())):
             # Every connection busy and nothing older waiting in the queue (which must not be
             # overtaken for long): next in line when a connection frees.
-            self._ready.append((entry, body))
+            line = self._ready.setdefault(_key(route.mailbox), deque())
+            line.append((entry, body if self._ready_count < READY_BODIES else None))
+            self._ready_count += 1
             return self.queued_reply(entry)
         if slot is None:
             block = self.blocked(route)
@@ -738,19 +743,22 @@ class Delivery:
     def _start_ready(self) -> None:
         """Start the waiting new messages whose mailbox has a connection free (oldest first); those
         of a mailbox now held, paused or out of pacing slots go back to the queue."""
-        still: deque[tuple[Entry, bytes | None]] = deque()
-        for entry, body in self._ready:
-            route = entry.route
-            if not self._stopping and self.blocked(route) is None and (
-                    self.busy(route.mailbox) >= self.connections(route.mailbox)):
-                still.append((entry, body))
-                continue
-            slot = self.pacer(route.mailbox).take() if self._may_start(route) else None
-            if slot is None:
-                self._launch(entry, self._requeue(entry), None, counts=False)
-            else:
-                self._launch(entry, self._deliver(entry, None, body), slot, counts=True)
-        self._ready = still
+        for mailbox, line in list(self._ready.items()):
+            while line:
+                entry, body = line[0]
+                route = entry.route
+                if not self._stopping and self.blocked(route) is None and (
+                        self.busy(mailbox) >= self.connections(mailbox)):
+                    break  # still no connection free for this mailbox
+                line.popleft()
+                self._ready_count -= 1
+                slot = self.pacer(mailbox).take() if self._may_start(route) else None
+                if slot is None:
+                    self._launch(entry, self._requeue(entry), None, counts=False)
+                else:
+                    self._launch(entry, self._deliver(entry, None, body), slot, counts=True)
+            if not line:
+                del self._ready[mailbox]
 
     def _nothing_new(self, now: float) -> bool:
         """True when the spool cannot have due work we do not know of: nothing due at the last look,
@@ -855,8 +863,9 @@ class Delivery:
                 await asyncio.wait_for(self._run_done.wait(), timeout=max(grace, 0.1))
         if self._ready:
             # Not started: back to the queue (QUEUED, due now) so the queue CLI sees them as waiting.
-            waiting = [entry.id for entry, _ in self._ready]
+            waiting = [entry.id for line in self._ready.values() for entry, _ in line]
             self._ready.clear()
+            self._ready_count = 0
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(lambda: [self.spool.unclaim(id, self.clock()) for id in waiting])
         for task in [*self._probes.values(), *self._aux]:
