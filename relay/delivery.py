@@ -764,8 +764,7 @@ class Delivery:
         """True when the spool cannot have due work we do not know of: nothing due at the last look,
         no change by this process since, and that look is less than POLL_INTERVAL old (changes by
         the queue CLI, another process, are found by that poll)."""
-        return not self._ready and now - self._seen_at < POLL_INTERVAL and now < self._next_sweep and (
-            self._queue_idle(now))
+        return now - self._seen_at < POLL_INTERVAL and now < self._next_sweep and self._queue_idle(now)
 
     def _queue_idle(self, now: float) -> bool:
         """Nothing queued was due at the last look and this process has queued nothing since."""
