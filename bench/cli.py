@@ -279,12 +279,17 @@ class Bench:
         with self.relay("sync", sync_wait=10) as proc:
             for key, label, reuse in (("new_auth", "new connection per message, AUTH PLAIN", False),
                                       ("reused_auth", "reused connections, AUTH PLAIN once", True)):
+                user0, sys0 = cpu_split(proc.proc.pid)
                 r, e2e, cut = self._plain(proc.port, s.e2e, reuse=reuse, auth=True, tag=f"sync-{key}")
+                user1, sys1 = cpu_split(proc.proc.pid)
+                user, system = (user1 - user0) / r.sent * 1e3, (sys1 - sys0) / r.sent * 1e3
                 rate = r.sent / e2e
                 self.report.values[f"e2e10_{key}"] = rate
+                self.report.values[f"cpu_ms_e2e10_{key}"] = user + system
                 ratio = f"{rate / direct:.2f}x direct" if direct else ""
                 self.add(Row(f"relay end-to-end, {label}, {s.clients} clients, sync_wait 10s (default)", r.sent, e2e,
-                             f"{rate:.0f} msg/s", ratio, cut + "250 after Exchange's 250"))
+                             f"{rate:.0f} msg/s", ratio, cut + f"250 after Exchange's 250; relay CPU "
+                             f"{user + system:.2f} ms/msg (user {user:.2f}, system {system:.2f})"))
             self.latency(proc.port)
             if self.args.quick and self._wanted("memory"):
                 self.memory(shared=proc)
