@@ -55,6 +55,7 @@ class GroupCommitter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._start_lock = threading.Lock()
+        self._current: list[_Change] = []  # the group being committed (failed if the thread dies)
         #: groups committed and changes in them (for tests and the benchmark)
         self.groups = 0
         self.changes = 0
@@ -105,6 +106,27 @@ class GroupCommitter:
     # ------------------------------------------------------------------ the thread's side
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # never leave a waiter hanging: fail what is queued, refuse what comes
+            self._closed = True
+            log.critical("spool commit thread stopped: %s", type(exc).__name__,
+                         extra={"event": "commit_thread_died", "error_type": type(exc).__name__})
+            error: Entry | BaseException | None = SpoolError("spool: commit thread stopped")
+            stranded = list(self._current)
+            while True:
+                try:
+                    change = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(change, _Change):
+                    stranded.append(change)
+            for change in stranded:
+                with contextlib.suppress(RuntimeError):
+                    change.loop.call_soon_threadsafe(_settle, [(change, error)])
+            raise
+
+    def _loop(self) -> None:
         stopping = False
         while not stopping:
             first = self._queue.get()
@@ -120,7 +142,9 @@ class GroupCommitter:
                     stopping = True
                     break
                 group.append(more)  # type: ignore[arg-type]
+            self._current = group
             self._commit(group)
+            self._current = []
 
     def _commit(self, group: list[_Change]) -> None:
         stores = [c for c in group if c.store is not None]

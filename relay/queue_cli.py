@@ -3,8 +3,10 @@
 It opens the same SQLite spool as the daemon (WAL mode allows that) without recovery and without the
 daemon's lock; every change is one transaction that names the state it expects, so it cannot
 interfere with a message the daemon is delivering (ACTIVE): such a message cannot be held, deleted
-or retried until its attempt is over. The daemon looks at the spool at least once a second, so a
-``retry`` or ``release`` takes effect within about a second.
+or retried until its attempt is over. ACTIVE also covers new messages that wait in the daemon's
+memory for a free connection of their mailbox during a burst (at most 1024, usually for seconds).
+The daemon looks at the spool at least once a second, so a ``retry`` or ``release`` takes effect
+within about a second.
 
 What the CLI cannot see is the daemon's memory: a hold of a whole mailbox or app for a
 configuration problem shows here as the last reply and reason of the messages that met it, and on
@@ -104,7 +106,8 @@ def _why_not(spool: Spool, cmd: str, id: str) -> str:
     if entry is None:
         return f"no message {id}"
     needs = " or ".join(str(s) for s in _NEEDS.get(cmd, ()))
-    extra = " (being delivered right now: try again in a moment)" if entry.state is State.ACTIVE else ""
+    extra = (" (being delivered, or next in line for a connection: try again in a moment)"
+             if entry.state is State.ACTIVE else "")
     return f"message {id} is {entry.state}{extra}; {cmd} needs it {needs}"
 
 

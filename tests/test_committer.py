@@ -139,3 +139,27 @@ async def test_closed_committer_refuses_and_queued_changes_are_committed_first(s
     with pytest.raises(SpoolError, match="stopping"):
         await committer.store(late)
     late.body.abort()
+
+
+async def test_a_dead_commit_thread_fails_waiters_instead_of_hanging_them(spool: Spool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(spool)
+    committer = GroupCommitter(spool)
+
+    def dies(stores: Sequence[StoreRequest], delivered: Sequence[str] = ()) -> list[Entry | SpoolError | None]:
+        gate.entered.set()
+        assert gate.release.wait(10)
+        raise SystemExit("simulated interpreter-level failure")  # not an Exception: escapes _commit
+
+    monkeypatch.setattr(spool, "commit_group", dies)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the death is expected here
+    first = asyncio.ensure_future(committer.store(request(spool, "first")))
+    assert await asyncio.to_thread(gate.entered.wait, 10)
+    second = asyncio.ensure_future(committer.store(request(spool, "second")))
+    await asyncio.sleep(0)
+    gate.release.set()
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(r, SpoolError) for r in results), results
+    with pytest.raises(SpoolError):
+        await committer.store(request(spool, "third"))
