@@ -19,6 +19,7 @@ import dataclasses
 import email.parser
 import email.policy
 import functools
+import inspect
 import ipaddress
 import logging
 import re
@@ -294,6 +295,12 @@ async def read_line(reader: asyncio.StreamReader, separator: bytes = b"\r\n") ->
             raise _LineTooLong
         except asyncio.LimitOverrunError as exc:
             await reader.readexactly(exc.consumed)
+
+
+# aiosmtpd inspects handle_EHLO's signature on every connection (to tell its old 4-argument form
+# from the 5-argument one): a third of the cost of a new connection. PEP 362's __signature__ lets
+# inspect.signature() answer from the function itself; the signature cannot change at run time.
+setattr(RelayHandler.handle_EHLO, "__signature__", inspect.signature(RelayHandler.handle_EHLO))  # noqa: B010
 
 
 class RelaySMTP(_CheapIntrospection, SMTP):
