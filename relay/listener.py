@@ -102,9 +102,23 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+def _ban_key(address: str) -> str:
+    """What a ban applies to: an IPv4 address, or the /64 of an IPv6 one (a single host is usually
+    given a whole /64, so banning one address of it would only make the attacker pick the next)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
+
+
 class AuthLimiter:
-    """Counts failed AUTH per client address; ``max_failures`` failures within ``window`` seconds ban
-    the address for ``ban`` seconds (421 4.7.0 at connect and at AUTH).
+    """Counts failed AUTH per client address (per /64 for IPv6); ``max_failures`` failures within
+    ``window`` seconds ban the address for ``ban`` seconds (421 4.7.0 at connect and at AUTH).
 
     Memory is bounded: at most ``max_tracked`` addresses are remembered (the oldest are forgotten
     first), so a client cycling through many source addresses cannot grow it without limit.
@@ -121,6 +135,7 @@ class AuthLimiter:
         self._banned_until: OrderedDict[str, float] = OrderedDict()
 
     def banned(self, address: str) -> bool:
+        address = _ban_key(address)
         until = self._banned_until.get(address)
         if until is None:
             return False
@@ -132,6 +147,7 @@ class AuthLimiter:
 
     def failed(self, address: str) -> int:
         """Record a failure; returns how many failures this address has within the window."""
+        address = _ban_key(address)
         now = self._clock()
         q = self._failures.pop(address, None) or deque()
         self._failures[address] = q  # most recent last
@@ -149,7 +165,7 @@ class AuthLimiter:
         return len(q)
 
     def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
+        self._failures.pop(_ban_key(address), None)
 
 
 @dataclass

@@ -86,6 +86,19 @@ def test_limiter_unit_window_ban_expiry_and_bound() -> None:
     assert len(lim._failures) <= 100 and len(lim._banned_until) <= 100
 
 
+def test_limiter_bans_an_ipv6_client_by_its_64_and_mapped_ipv4_as_ipv4() -> None:
+    """Rotating through the addresses of one's own /64 must not escape the ban; another /64 and IPv4
+    clients are unaffected; ::ffff:a.b.c.d is the IPv4 client a.b.c.d."""
+    lim = AuthLimiter(3, window=60, ban=300, clock=lambda: 1000.0)
+    for host in ("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3"):
+        lim.failed(host)
+    assert lim.banned("2001:db8:1:2::99") and lim.banned("2001:db8:1:2:abcd:ef01:2345:6789")
+    assert not lim.banned("2001:db8:1:3::1"), "the next /64 is someone else"
+    for _ in range(3):
+        lim.failed("::ffff:192.0.2.7")
+    assert lim.banned("192.0.2.7") and not lim.banned("192.0.2.8")
+
+
 def test_tarpit_delay_grows_with_failures(relay_factory: RelayFactory) -> None:
     import time
 
