@@ -574,7 +574,7 @@ class Delivery:
         self.blocks[key] = Block(kind=kind, scope=scope, name=name, reason=verdict.reason, reply=verdict.reply,
                                  hint=verdict.hint, since=previous.since if previous else now,
                                  until=until, interval=interval)
-        self.metrics.set_holds(len(self.holds()))
+        self.metrics.set_holds((b.scope, b.name, b.reason) for b in self.holds())
 
     def release(self, scope: str, name: str) -> None:
         """Lift a hold or pause; the messages waiting behind it are due at once."""
@@ -585,7 +585,7 @@ class Delivery:
             return
         log.info(f"{scope} {name} released", extra={"event": f"{scope}_released", scope: name,
                                                     "held_seconds": round(self.clock() - block.since)})
-        self.metrics.set_holds(len(self.holds()))
+        self.metrics.set_holds((b.scope, b.name, b.reason) for b in self.holds())
         self._spawn(self._make_due(scope, name))
 
     async def _make_due(self, scope: str, name: str) -> None:
@@ -615,7 +615,7 @@ class Delivery:
                 # No probe: lift the hold on time; the next message due is the probe (it holds again
                 # if the problem is still there).
                 del self.blocks[key]
-                self.metrics.set_holds(len(self.holds()))
+                self.metrics.set_holds((b.scope, b.name, b.reason) for b in self.holds())
                 continue
             route = self._route_for(block)
             if route is None:  # that app or mailbox is no longer configured

@@ -107,6 +107,8 @@ class Metrics:
         self.token_expiry = Gauge("relay_token_seconds_to_expiry", "Seconds until the current token expires",
                                   ["app"], registry=r)
         self.held = Gauge("relay_held", "Apps or mailboxes on hold for a configuration problem", registry=r)
+        self.hold = Gauge("relay_hold", "1 for each app or mailbox on hold, with the classifier's reason",
+                          ["scope", "name", "reason"], registry=r)
         self.auth_failures = Counter("relay_client_auth_failures", "Failed client AUTH attempts", registry=r)
 
     def attempt(self, mailbox: str, reason: str, seconds: float) -> None:
@@ -124,8 +126,14 @@ class Metrics:
     def dead(self, reason: str) -> None:
         self.dead_total.labels(reason[:40]).inc()
 
-    def set_holds(self, n: int) -> None:
-        self.held.set(n)
+    def set_holds(self, holds: Iterable[tuple[str, str, str]]) -> None:
+        """The current holds as (scope, name, reason): names come from the config, reasons from the
+        classifier's fixed set, so the labels stay bounded."""
+        holds = list(holds)
+        self.held.set(len(holds))
+        self.hold.clear()
+        for scope, name, reason in holds:
+            self.hold.labels(scope, name, reason).set(1)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

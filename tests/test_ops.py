@@ -179,7 +179,10 @@ def test_readyz_is_503_while_a_mailbox_is_held_and_200_after_the_fix(m365: Simul
         assert [(h["scope"], h["name"]) for h in ready["holds"]] == [("mailbox", STANDARD_MAILBOX)]
         assert "5.7.3" in ready["holds"][0]["reply"]
         assert "Add-MailboxPermission" in ready["holds"][0]["hint"]
-        assert scrape(f"http://127.0.0.1:{http_port}/metrics")["relay_held"] == 1
+        metrics = scrape(f"http://127.0.0.1:{http_port}/metrics")
+        assert metrics["relay_held"] == 1
+        held = {k: v for k, v in metrics.items() if k.startswith("relay_hold{")}
+        assert held == {f'relay_hold{{name="{STANDARD_MAILBOX}",reason="auth_failed",scope="mailbox"}}': 1.0}, held
         health = run_cli("health", "-c", str(path))
         assert health.returncode == 1
         assert '"ready": false' in health.stdout
@@ -190,7 +193,8 @@ def test_readyz_is_503_while_a_mailbox_is_held_and_200_after_the_fix(m365: Simul
         clock.offset += 31
         wait_until(lambda: http_get(readyz)[0] == 200, 15, "readiness to turn green again")
         wait_until(lambda: len(m365.exchange.accepted) == 1, 30, "the held message to be delivered")
-        assert scrape(f"http://127.0.0.1:{http_port}/metrics")["relay_held"] == 0
+        metrics = scrape(f"http://127.0.0.1:{http_port}/metrics")
+        assert metrics["relay_held"] == 0 and not any(k.startswith("relay_hold{") for k in metrics)
         assert run_cli("health", "-c", str(path)).returncode == 0
         del relay
 
