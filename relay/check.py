@@ -105,7 +105,8 @@ class Checklist:
 def fill(text: str, app: AppSettings, mailbox: str | None = None) -> str:
     """Replace the ``<PLACEHOLDERS>`` the config can answer; leave the others for the admin."""
     values = {"APPLICATION_ID": app.client_id, "CLIENT_ID": app.client_id, "TENANT_ID": app.tenant_id,
-              "TENANT": app.tenant_id}
+              "TENANT": app.tenant_id, "AUTHORITY_HOST": app.effective_authority_host,
+              "SCOPE": app.effective_scope}
     if mailbox:
         values["MAILBOX"] = mailbox
     return re.sub(r"<([A-Z_]+)>", lambda m: values.get(m.group(1), m.group(0)), text)

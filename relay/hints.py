@@ -68,8 +68,10 @@ STEPS: dict[int, Step] = {
         "Tenant admin consent",
         "Single tenant: API permissions > 'Grant admin consent for <TENANT>'.\n"
         "Multi-tenant: a tenant admin opens\n"
-        "  https://login.microsoftonline.com/<TENANT_ID>/v2.0/adminconsent?client_id=<CLIENT_ID>"
-        "&redirect_uri=<REDIRECT_URI>&scope=https://outlook.office365.com/.default\n"
+        "  <AUTHORITY_HOST>/<TENANT_ID>/v2.0/adminconsent?client_id=<CLIENT_ID>"
+        "&redirect_uri=<REDIRECT_URI>&scope=<SCOPE>\n"
+        "(global cloud: <AUTHORITY_HOST> is https://login.microsoftonline.com and <SCOPE> is"
+        " https://outlook.office365.com/.default; other clouds: docs/clouds.md)\n"
         'Without consent Entra ID still issues a token, but it lacks roles: ["SMTP.SendAsApp"] and'
         " Exchange answers 535 5.7.3.",
     ),

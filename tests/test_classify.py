@@ -963,7 +963,10 @@ def test_steps_and_render() -> None:
     text = STEPS[6].render(mailbox="noreply@contoso.com")
     assert "Set-CASMailbox noreply@contoso.com -SmtpClientAuthenticationDisabled $false" in text
     assert "<CLIENT_ID>" in STEPS[3].render(tenant_id="t")
-    assert "https://login.microsoftonline.com/t/v2.0/adminconsent" in STEPS[3].render(tenant_id="t")
+    us = STEPS[3].render(tenant_id="t", authority_host="https://login.microsoftonline.us",
+                         scope="https://outlook.office365.us/.default")
+    assert "  https://login.microsoftonline.us/t/v2.0/adminconsent?client_id=<CLIENT_ID>" in us
+    assert "&scope=https://outlook.office365.us/.default\n" in us
 
 
 def test_hint_for_reply_direct() -> None:
