@@ -264,11 +264,33 @@ class RelayHandler(_CheapIntrospection):
             log.info("sender refused", extra={"event": "sender_refused", "client": server.client_label(),
                                               "reply": route.reply})
             return route.reply
+        too_big = self._too_big_for_graph(route, mail_options)
+        if too_big is not None:
+            return too_big
         txn.principal = principal
         txn.route = route
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
+
+    def _too_big_for_graph(self, route: Route, mail_options: list[str]) -> str | None:
+        """552 at MAIL for a declared SIZE that a Graph-only mailbox could never send (RFC 1870: say
+        so before the data is sent); the limit is checked again on the real message."""
+        declared = next((o[5:] for o in mail_options if o.upper().startswith("SIZE=")), "")
+        if not declared.isdigit():
+            return None
+        settings = self.state.settings
+        mbx = settings.mailbox(route.mailbox)
+        if mbx is None or mbx.transport != "graph" or mbx.fallback_smtp:
+            return None
+        try:
+            limit = settings.app(mbx.app).graph_max_mime
+        except KeyError:
+            return None
+        if int(declared) <= limit:
+            return None
+        return (f"552 5.3.4 Message size exceeds the Microsoft Graph limit of mailbox {mbx.address}"
+                f" ({limit} bytes)")
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:

@@ -146,12 +146,19 @@ def test_a_4mb_message_is_refused_with_graphs_limit(graph_m365: SimulatedM365,
                                                     graph_relay: Callable[..., RelayThread]) -> None:
     relay = graph_relay()
     msg = message_with_attachment(os.urandom(4 * 1024 * 1024))
-    with pytest.raises(smtplib.SMTPDataError) as refused:
+    # smtplib declares SIZE= (RFC 1870): refused at MAIL, before 4 MB travel for nothing.
+    with pytest.raises(smtplib.SMTPSenderRefused) as at_mail:
         send(relay, msg, [TO])
-    assert refused.value.smtp_code == 552
-    error = refused.value.smtp_error
-    text = error.decode() if isinstance(error, bytes) else error
-    assert text.startswith("5.3.4") and "Graph" in text and "3000000" in text
+    # A client that declares no size is refused after DATA, with the same limit named.
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+        client.ehlo()
+        assert client.mail(STANDARD_MAILBOX)[0] == 250
+        assert client.rcpt(TO)[0] == 250
+        code, reply = client.data(msg.as_bytes())
+    for got_code, error in ((at_mail.value.smtp_code, at_mail.value.smtp_error), (code, reply)):
+        assert got_code == 552
+        text = error.decode() if isinstance(error, bytes) else error
+        assert text.startswith("5.3.4") and "Graph" in text and "3000000" in text, text
     assert graph_m365.graph.requests == [], "refused before any request: nothing to retry blindly"
     assert not graph_m365.exchange.accepted
 
