@@ -41,7 +41,7 @@ from relay.envelope import Route
 from relay.errors import SpoolError, SpoolFull
 from relay.passwords import VerifiedCache, hash_password, verify_password
 from relay.policy import HeaderDecision, Policy, Principal, Refusal
-from relay.rewrite import HeaderRewriter
+from relay.rewrite import HeaderRewriter, drop_fields
 
 log = logging.getLogger("relay.listener")
 
@@ -662,6 +662,8 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         if receiver.rewritten:
             route = dataclasses.replace(route, rewrite_from=True, notes=(
                 *route.notes, f"header From rewritten to <{route.mailbox}>"))
+        if receiver.sender_dropped:
+            route = dataclasses.replace(route, notes=(*route.notes, "header Sender removed (not allowed)"))
         envelope = RelayEnvelope(
             mail_from="" if self.env().mail_from == "<>" else str(self.env().mail_from),
             rcpt_tos=tuple(self.env().rcpt_tos),
@@ -754,6 +756,7 @@ class _DataReceiver:
         self.size = 0
         self.message_id = ""
         self.rewritten = False
+        self.sender_dropped = False
         self._in_headers = True
         self._headers = bytearray()
         self._buffer = bytearray()
@@ -878,6 +881,9 @@ class _DataReceiver:
             if isinstance(decision, Refusal):
                 self._error = decision.reply
                 return
+            if decision.drop_sender:
+                headers = drop_fields(headers, "sender")
+                self.sender_dropped = True
             if decision.rewrite_to is not None:
                 headers = HeaderRewriter(decision.rewrite_to).rewrite(headers)
                 self.rewritten = True

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.config import NetworkRule, RewriteFrom, Settings, UserSettings
@@ -82,9 +83,11 @@ def _has_forbidden_characters(address: str) -> bool:
 
 @dataclass(frozen=True)
 class HeaderDecision:
-    """What to do with a message's header From: keep it (``rewrite_to`` None) or rewrite it."""
+    """What to do with a message's header From: keep it (``rewrite_to`` None) or rewrite it; and
+    whether to remove a ``Sender:`` field the client may not use."""
 
     rewrite_to: str | None = None
+    drop_sender: bool = False
 
 
 class Policy:
@@ -123,23 +126,37 @@ class Policy:
         More than one From field is refused (Exchange and mail clients would each pick a different
         one). A From that does not parse to unambiguous addresses counts as not allowed.
         """
-        froms = [f for f in split_header_fields(headers) if field_name(f) == "from"]
+        fields = split_header_fields(headers)
+        froms = [f for f in fields if field_name(f) == "from"]
         if len(froms) > 1:
             return Refusal(554, "5.6.0 Message has more than one From header field")
+        senders = [f for f in fields if field_name(f) == "sender"]
+        if len(senders) > 1:
+            return Refusal(554, "5.6.0 Message has more than one Sender header field")
         mode = self.settings.sender.rewrite_from
+        # Sender: is shown as "<Sender> on behalf of <From>": the same rule as for From applies.
+        drop_sender = False
+        if senders:
+            sender = from_addresses(senders[0])
+            if not (sender and len(sender) == 1 and self._allowed(principal, sender)):
+                if mode is RewriteFrom.NEVER:
+                    shown = f"<{sender[0]}>" if sender and len(sender) == 1 else "this header Sender"
+                    return Refusal(550, f"5.7.1 {principal.name} may not send as {shown} (header Sender)")
+                drop_sender = True
         if mode is RewriteFrom.ALWAYS or (route.rewrite_from and not froms):
-            return HeaderDecision(rewrite_to=route.mailbox)
+            return HeaderDecision(rewrite_to=route.mailbox, drop_sender=drop_sender)
         if not froms:
-            return HeaderDecision()
+            return HeaderDecision(drop_sender=drop_sender)
         addresses = from_addresses(froms[0])
-        allowed = bool(addresses) and all(
-            not _has_forbidden_characters(a) and self.may_send_as(principal, a) for a in addresses or ())
-        if allowed:
-            return HeaderDecision()
+        if addresses and self._allowed(principal, addresses):
+            return HeaderDecision(drop_sender=drop_sender)
         if mode is RewriteFrom.NEVER:
             shown = ", ".join(f"<{a}>" for a in addresses) if addresses else "this header From"
             return Refusal(550, f"5.7.1 {principal.name} may not send as {shown} (header From)")
-        return HeaderDecision(rewrite_to=route.mailbox)
+        return HeaderDecision(rewrite_to=route.mailbox, drop_sender=drop_sender)
+
+    def _allowed(self, principal: Principal, addresses: Iterable[str]) -> bool:
+        return all(not _has_forbidden_characters(a) and self.may_send_as(principal, a) for a in addresses)
 
     def check_recipient(self, address: str) -> Refusal | None:
         if _has_forbidden_characters(address) or not address or "@" not in address:

@@ -157,3 +157,9 @@ class HeaderRewriter:
             else:
                 out.append(new_from)
         return b"".join(out)
+
+
+def drop_fields(block: bytes, name: str) -> bytes:
+    """The header block without its ``name`` fields (case-insensitive), folded lines included."""
+    name = name.lower()
+    return b"".join(f for f in split_header_fields(block) if field_name(f) != name)

@@ -132,6 +132,25 @@ def test_two_from_fields_refused(relay: Any, m365: SimulatedM365) -> None:
     assert m365.exchange.accepted == []
 
 
+def test_header_sender_follows_the_same_rule_as_from(relay_factory: RelayFactory, m365: SimulatedM365) -> None:
+    """Mail clients show ``Sender:`` as "<Sender> on behalf of <From>": a Sender the user may not use
+    is removed (when_not_allowed) or refused (never); an allowed one is kept; two are refused."""
+    relay = relay_factory()
+    allowed = body(b"Relay <relay@contoso.com>", "kept", b"Sender: Alerts <alerts@contoso.com>")
+    spoofed = body(b"Relay <relay@contoso.com>", "dropped", b"Sender: The CEO\r\n <ceo@contoso.com>")
+    assert send(relay.port, STANDARD_MAILBOX, allowed).startswith(b"250")
+    assert send(relay.port, STANDARD_MAILBOX, spoofed).startswith(b"250")
+    two = body(b"relay@contoso.com", "two", b"Sender: relay@contoso.com", b"Sender: ceo@contoso.com")
+    assert send(relay.port, STANDARD_MAILBOX, two).startswith(b"554 5.6.0")
+    kept, dropped = m365.exchange.wait_for_messages(2)
+    assert header_lines(kept, b"Sender") == [b"Sender: Alerts <alerts@contoso.com>"]
+    assert header_lines(dropped, b"Sender") == [] and b"ceo@contoso.com" not in dropped.content
+    assert header_lines(dropped, b"From") == [b"From: Relay <relay@contoso.com>"], "From was allowed: untouched"
+    strict = relay_factory(sender={"rewrite_from": "never"})
+    reply = send(strict.port, STANDARD_MAILBOX, spoofed)
+    assert reply.startswith(b"550 5.7.1") and b"<ceo@contoso.com> (header Sender)" in reply, reply
+
+
 def test_bare_lf_cannot_move_from_out_of_sight(relay: Any, m365: SimulatedM365) -> None:
     """``Subject: x\\n\\nFrom: ceo`` : after normalisation Exchange sees the header end at the bare LFs;
     the relay judges the same header block, so the allowed From is the one Exchange sees."""
