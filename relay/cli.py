@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     qsub = p.add_subparsers(dest="queue_command", required=True)
     qsub.add_parser("list", help="messages waiting or in flight")
     qsub.add_parser("dead-letters", help="messages that could not be delivered")
+    qsub.add_parser("holds", help="apps and mailboxes the running relay holds for a configuration problem")
     for name, helptext in (("show", "one message's envelope, state and history"),
                            ("hold", "keep a message from being delivered"),
                            ("release", "let a held message go again"),

@@ -225,6 +225,8 @@ class Delivery:
         #: spool recovery makes due again at the next start.
         self._ready: dict[str, deque[tuple[Entry, bytes | None]]] = {}  # per mailbox (lower case), oldest first
         self._ready_count = 0
+        self._holds_dirty = False
+        self._holds_writing = False
         self._wake = asyncio.Event()
         self._stopping = False
         self._running = False
@@ -299,6 +301,29 @@ class Delivery:
 
     def holds(self) -> list[Block]:
         return [b for b in self.blocks.values() if b.kind == "hold"]
+
+    def _publish_holds(self) -> None:
+        """Holds changed: update the metrics, and (in the background) the spool's holds.json that
+        the queue CLI shows; one writer at a time, always writing the latest state."""
+        self.metrics.set_holds((b.scope, b.name, b.reason) for b in self.holds())
+        self._holds_dirty = True
+        if not self._holds_writing:
+            self._holds_writing = True
+            self._spawn(self._write_holds())
+
+    async def _write_holds(self) -> None:
+        try:
+            while self._holds_dirty:
+                self._holds_dirty = False
+                snapshot = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply,
+                             "hint": b.hint, "since": b.since, "next_probe": b.until} for b in self.holds()]
+                try:
+                    await asyncio.to_thread(self.spool.publish_holds, snapshot)
+                except OSError as exc:  # advisory: the metrics and /readyz still say it
+                    log.warning("could not write holds.json: %s", type(exc).__name__,
+                                extra={"event": "holds_file_error", "error_type": type(exc).__name__})
+        finally:
+            self._holds_writing = False
 
     def in_flight(self) -> int:
         return len(self._inflight)
@@ -574,7 +599,7 @@ class Delivery:
         self.blocks[key] = Block(kind=kind, scope=scope, name=name, reason=verdict.reason, reply=verdict.reply,
                                  hint=verdict.hint, since=previous.since if previous else now,
                                  until=until, interval=interval)
-        self.metrics.set_holds((b.scope, b.name, b.reason) for b in self.holds())
+        self._publish_holds()
 
     def release(self, scope: str, name: str) -> None:
         """Lift a hold or pause; the messages waiting behind it are due at once."""
@@ -585,7 +610,7 @@ class Delivery:
             return
         log.info(f"{scope} {name} released", extra={"event": f"{scope}_released", scope: name,
                                                     "held_seconds": round(self.clock() - block.since)})
-        self.metrics.set_holds((b.scope, b.name, b.reason) for b in self.holds())
+        self._publish_holds()
         self._spawn(self._make_due(scope, name))
 
     async def _make_due(self, scope: str, name: str) -> None:
@@ -615,7 +640,7 @@ class Delivery:
                 # No probe: lift the hold on time; the next message due is the probe (it holds again
                 # if the problem is still there).
                 del self.blocks[key]
-                self.metrics.set_holds((b.scope, b.name, b.reason) for b in self.holds())
+                self._publish_holds()
                 continue
             route = self._route_for(block)
             if route is None:  # that app or mailbox is no longer configured

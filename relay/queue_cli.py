@@ -8,9 +8,9 @@ memory for a free connection of their mailbox during a burst (at most 1024, usua
 The daemon looks at the spool at least once a second, so a ``retry`` or ``release`` takes effect
 within about a second.
 
-What the CLI cannot see is the daemon's memory: a hold of a whole mailbox or app for a
-configuration problem shows here as the last reply and reason of the messages that met it, and on
-the daemon's readiness endpoint (``/readyz``) and logs.
+The daemon's holds of a whole mailbox or app for a configuration problem live in its memory; it
+publishes them to ``holds.json`` in the spool, which ``queue holds`` and ``queue list`` show while the
+daemon runs (they are also on the readiness endpoint ``/readyz``, in the metrics and in the logs).
 
 Exit status: 0 done, 1 not possible (unknown id, wrong state), 2 usage.
 """
@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,26 @@ def _print_table(entries: list[Entry], now: float, empty: str) -> None:
     print(f"-- {len(entries)} message(s)")
 
 
+def _print_holds(holds: list[dict[str, Any]] | None, now: float, *, quiet: bool) -> None:
+    """The running relay's holds, with Exchange's or Entra ID's answer and the admin step to fix."""
+    if holds is None:
+        if not quiet:
+            print("the relay is not running (no holds to report)")
+        return
+    if not holds:
+        if not quiet:
+            print("no app or mailbox on hold")
+        return
+    for hold in holds:
+        since = hold.get("since")
+        age = f" for {round(now - since)} s" if isinstance(since, int | float) else ""
+        print(f"ON HOLD {hold.get('scope')} {hold.get('name')}{age}: {hold.get('reason')}: {hold.get('reply')}")
+        for line in str(hold.get("hint") or "").splitlines():
+            for part in textwrap.wrap(line, 96, break_on_hyphens=False) or [""]:
+                print(f"    {part}")
+    print(f"-- {len(holds)} hold(s); their mail waits, and moves by itself once the fix works\n")
+
+
 def _why_not(spool: Spool, cmd: str, id: str) -> str:
     entry = spool.get(id)
     if entry is None:
@@ -116,12 +137,21 @@ def run_queue(args: argparse.Namespace) -> int:
     now = time.time()
     try:
         cmd = args.queue_command
+        if cmd == "holds":
+            holds = spool.daemon_holds()
+            if args.json:
+                print(json.dumps({"relay_running": holds is not None, "holds": holds or []}, indent=2))
+            else:
+                _print_holds(holds, now, quiet=False)
+            return 0
         if cmd in ("list", "dead-letters"):
             dead = cmd == "dead-letters"
             entries = spool.list([State.DEAD] if dead else [State.QUEUED, State.ACTIVE, State.HOLD])
             if args.json:
                 print(json.dumps([entry_dict(e, now) for e in entries], indent=2))
             else:
+                if not dead:
+                    _print_holds(spool.daemon_holds(), now, quiet=True)
                 _print_table(entries, now, "no dead letters" if dead else "queue is empty")
             return 0
         if cmd == "show":

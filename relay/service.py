@@ -248,6 +248,7 @@ class Relay:
         for warning in load_warnings:
             log.warning(warning, extra={"event": "config_warning"})
         report = await asyncio.to_thread(self.spool.open)
+        await asyncio.to_thread(self.spool.publish_holds, [])  # a crash may have left the last ones
         # Build the upstream TLS contexts now (loading a CA bundle is slow), not on the first delivery.
         for app in self.settings.apps:
             await asyncio.to_thread(tls_context_for, app)
@@ -344,6 +345,8 @@ class Relay:
             self.graph.close()
         self.tokens.close()
         await self.committer.close()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.spool.publish_holds, [])
         await asyncio.to_thread(self.spool.close)
         self._stopped.set()
         log.info("stopped", extra={"event": "stopped"})

@@ -388,6 +388,7 @@ class Spool:
         self.tmp_dir = self.path / "tmp"
         self.bodies_dir = self.path / "bodies"
         self.lock_path = self.path / "spool.lock"
+        self.holds_path = self.path / "holds.json"
         self._clock = clock
         self._fsync = fsync
         self._lock = threading.RLock()
@@ -441,6 +442,49 @@ class Spool:
                 f"spool {self.path} is in use by another relay process (spool.lock is held)"
             ) from None
         self._lock_fd = fd
+
+    def publish_holds(self, holds: Sequence[Mapping[str, Any]]) -> None:
+        """(daemon) Write the daemon's current holds to ``holds.json`` for the queue CLI, which cannot
+        see the daemon's memory. Advisory, not fsync'd: replaced atomically, removed when empty."""
+        if not holds:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.holds_path)
+            return
+        tmp = self.path / f".holds-{os.getpid()}.tmp"
+        data = json.dumps({"pid": os.getpid(), "holds": list(holds)}, default=str)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.holds_path)
+
+    def daemon_holds(self) -> list[dict[str, Any]] | None:
+        """(queue CLI) The running daemon's holds; None when no daemon holds the spool (then any
+        ``holds.json`` left by a crash says nothing about the present)."""
+        if not self._daemon_running():
+            return None
+        try:
+            data = json.loads(self.holds_path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError):
+            return None
+        holds = data.get("holds") if isinstance(data, dict) else None
+        return [h for h in holds if isinstance(h, dict)] if isinstance(holds, list) else None
+
+    def _daemon_running(self) -> bool:
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True  # the daemon's exclusive lock
+        finally:
+            os.close(fd)  # closing drops our shared lock, if we got it
+        return False
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

@@ -187,6 +187,15 @@ def test_readyz_is_503_while_a_mailbox_is_held_and_200_after_the_fix(m365: Simul
         assert health.returncode == 1
         assert '"ready": false' in health.stdout
         assert m365.exchange.accepted == []
+        # The queue CLI (another process) shows the daemon's hold, with the admin step to fix.
+        wait_until(lambda: json.loads(run_cli("queue", "-c", str(path), "--json", "holds").stdout)["holds"], 15,
+                   "holds.json to be written")
+        shown = json.loads(run_cli("queue", "-c", str(path), "--json", "holds").stdout)
+        assert shown["relay_running"] is True
+        assert [(h["scope"], h["name"], h["reason"]) for h in shown["holds"]] == [
+            ("mailbox", STANDARD_MAILBOX, "auth_failed")]
+        listed = run_cli("queue", "-c", str(path), "list").stdout
+        assert f"ON HOLD mailbox {STANDARD_MAILBOX}" in listed and "Add-MailboxPermission" in listed, listed
 
         # The admin fixes it; the next hold probe (due 30 s later: moved forward) lifts the hold.
         m365.grant_full_access(STANDARD_MAILBOX, STANDARD_CLIENT_ID)
@@ -196,7 +205,10 @@ def test_readyz_is_503_while_a_mailbox_is_held_and_200_after_the_fix(m365: Simul
         metrics = scrape(f"http://127.0.0.1:{http_port}/metrics")
         assert metrics["relay_held"] == 0 and not any(k.startswith("relay_hold{") for k in metrics)
         assert run_cli("health", "-c", str(path)).returncode == 0
+        wait_until(lambda: "no app or mailbox on hold" in run_cli("queue", "-c", str(path), "holds").stdout, 15,
+                   "the released hold to leave holds.json")
         del relay
+    assert "the relay is not running" in run_cli("queue", "-c", str(path), "holds").stdout
 
 
 def test_health_command_without_endpoint_or_relay(tmp_path: Path, m365: SimulatedM365) -> None:

@@ -830,3 +830,25 @@ def test_writer_keeps_a_small_body_in_memory_and_drops_a_big_one(spool: Spool) -
     plain.write(b"z")
     assert plain.kept() is None, "keep=0 (the default): nothing kept"
     plain.abort()
+
+
+def test_holds_file_is_read_only_while_the_daemon_holds_the_spool(tmp_path: Path) -> None:
+    daemon = Spool(tmp_path / "spool")
+    daemon.open()  # takes the lock, like the running relay
+    cli = Spool(tmp_path / "spool")
+    cli.open(recover=False)
+    try:
+        assert cli.daemon_holds() == []
+        daemon.publish_holds([{"scope": "mailbox", "name": "relay@contoso.com", "reason": "auth_failed"}])
+        assert cli.daemon_holds() == [{"scope": "mailbox", "name": "relay@contoso.com", "reason": "auth_failed"}]
+        assert not list(cli.path.glob(".holds-*")), "written atomically, no temporary file left"
+        daemon.close()  # a crash would leave holds.json behind: without the lock it means nothing
+        assert (tmp_path / "spool" / "holds.json").exists() and cli.daemon_holds() is None
+    finally:
+        cli.close()
+        daemon.close()
+    restarted = Spool(tmp_path / "spool")
+    restarted.open()
+    restarted.publish_holds([])
+    assert not (tmp_path / "spool" / "holds.json").exists()
+    restarted.close()
