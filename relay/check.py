@@ -32,7 +32,7 @@ from relay.config import AppSettings, Settings, load_settings, load_warnings
 from relay.errors import ConfigError, TokenError
 from relay.exchange_setup import admin_consent_url
 from relay.graph import check_graph_claims
-from relay.hints import STEPS, TLS_VERIFY_HINT, hint_for_aadsts, parse_aadsts
+from relay.hints import STEPS, TLS_VERIFY_HINT, fill_placeholders, hint_for_aadsts, parse_aadsts
 from relay.tokens import Token, TokenProvider, build_http_session
 from relay.upstream import tls_context_for
 
@@ -109,7 +109,7 @@ def fill(text: str, app: AppSettings, mailbox: str | None = None) -> str:
               "SCOPE": app.effective_scope}
     if mailbox:
         values["MAILBOX"] = mailbox
-    return re.sub(r"<([A-Z_]+)>", lambda m: values.get(m.group(1), m.group(0)), text)
+    return fill_placeholders(text, values)
 
 
 def _resource_of(scope: str) -> str:

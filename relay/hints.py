@@ -9,6 +9,7 @@ Fix texts hold placeholders in angle brackets (``<MAILBOX>``); :meth:`Step.rende
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -20,11 +21,19 @@ __all__ = [
     "TLS_VERIFY_HINT",
     "AadstsHint",
     "Step",
+    "fill_placeholders",
     "hint_for_aadsts",
     "hint_for_reply",
     "parse_aadsts",
     "step_ref",
 ]
+
+
+def fill_placeholders(text: str, values: Mapping[str, str]) -> str:
+    """``text`` with each ``<NAME>`` for which ``values`` has an entry (any case) replaced; the other
+    placeholders stay for the admin to fill in."""
+    lookup = {k.upper(): v for k, v in values.items()}
+    return re.sub(r"<([A-Za-z_]+)>", lambda m: lookup.get(m.group(1).upper(), m.group(0)), text)
 
 
 @dataclass(frozen=True)
@@ -35,12 +44,7 @@ class Step:
 
     def render(self, **values: str) -> str:
         """The fix text with ``<NAME>`` placeholders replaced by ``values['NAME']`` (case-insensitive)."""
-        lookup = {k.upper(): v for k, v in values.items()}
-
-        def fill(m: re.Match[str]) -> str:
-            return lookup.get(m.group(1).upper(), m.group(0))
-
-        return re.sub(r"<([A-Za-z_]+)>", fill, self.fix)
+        return fill_placeholders(self.fix, values)
 
     def __str__(self) -> str:
         return f"step {self.number} ({self.title})"
