@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from relay.errors import SpoolError
 from relay.spool import Entry, Spool, StoreRequest
@@ -39,7 +39,7 @@ class _Change:
     future: asyncio.Future[Entry | None]
     store: StoreRequest | None = None
     delivered: str = ""
-    orphan: Callable[[Entry], None] | None = field(default=None)
+    orphan: Callable[[Entry], None] | None = None
 
 
 _STOP = object()

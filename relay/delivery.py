@@ -225,6 +225,7 @@ class Delivery:
         #: spool recovery makes due again at the next start.
         self._ready: dict[str, deque[tuple[Entry, bytes | None]]] = {}  # per mailbox (lower case), oldest first
         self._ready_count = 0
+        self._holds_shown: list[dict[str, Any]] = []  # what holds.json says (written in the background)
         self._holds_dirty = False
         self._holds_writing = False
         self._wake = asyncio.Event()
@@ -306,19 +307,25 @@ class Delivery:
         """Holds changed: update the metrics, and (in the background) the spool's holds.json that
         the queue CLI shows; one writer at a time, always writing the latest state."""
         self.metrics.set_holds((b.scope, b.name, b.reason) for b in self.holds())
+        shown = self._holds_snapshot()
+        if shown == self._holds_shown:
+            return  # a pause, or a hold's probe rescheduled: nothing the queue CLI shows has changed
+        self._holds_shown = shown
         self._holds_dirty = True
         if not self._holds_writing:
             self._holds_writing = True
             self._spawn(self._write_holds())
 
+    def _holds_snapshot(self) -> list[dict[str, Any]]:
+        return [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint,
+                 "since": b.since} for b in self.holds()]
+
     async def _write_holds(self) -> None:
         try:
             while self._holds_dirty:
                 self._holds_dirty = False
-                snapshot = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply,
-                             "hint": b.hint, "since": b.since, "next_probe": b.until} for b in self.holds()]
                 try:
-                    await asyncio.to_thread(self.spool.publish_holds, snapshot)
+                    await asyncio.to_thread(self.spool.publish_holds, self._holds_shown)
                 except OSError as exc:  # advisory: the metrics and /readyz still say it
                     log.warning("could not write holds.json: %s", type(exc).__name__,
                                 extra={"event": "holds_file_error", "error_type": type(exc).__name__})

@@ -148,16 +148,26 @@ class Relay:
         try:
             entry = await self.committer.store(
                 StoreRequest(envelope, route, body, message_id=message_id, client=client, state=State.ACTIVE),
-                on_orphan=self.delivery.adopt)
+                on_orphan=self._adopt)
         except SpoolFull:
             log.error("spool full: message refused with 452", extra={"event": "spool_full", "client": client})
             raise
-        self.metrics.received.inc()
-        log.info("received", extra={"event": "received", "queue_id": entry.id, "message_id": message_id,
-                                    "client": client, "mailbox": route.mailbox,
-                                    "recipients": len(envelope.rcpt_tos), "size": entry.size,
-                                    **({"note": "; ".join(route.notes)} if route.notes else {})})
+        self._received(entry)
         return await self.delivery.deliver_now(entry, self.settings.delivery.sync_wait, body=body.kept())
+
+    def _received(self, entry: Entry, note: str = "") -> None:
+        self.metrics.received.inc()
+        notes = [*entry.route.notes, *([note] if note else [])]
+        log.info("received", extra={"event": "received", "queue_id": entry.id, "message_id": entry.message_id,
+                                    "client": entry.client, "mailbox": entry.route.mailbox,
+                                    "recipients": len(entry.envelope.rcpt_tos), "size": entry.size,
+                                    **({"note": "; ".join(notes)} if notes else {})})
+
+    def _adopt(self, entry: Entry) -> None:
+        """A message made durable after its client had gone (no reply reached it): log it like any
+        other, then let delivery take it. The client may send it again (a possible duplicate)."""
+        self._received(entry, "client disconnected before the reply; delivered anyway")
+        self.delivery.adopt(entry)
 
     # ------------------------------------------------------------------ DSNs
 
