@@ -16,8 +16,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import email.parser
-import email.policy
 import functools
 import inspect
 import ipaddress
@@ -36,12 +34,12 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.config import AuthMode, ListenSettings, Settings, TlsMode
+from relay.data import INTERNAL_ERROR, SPOOL_FULL, BodySink, DataReceiver, LineTooLong, read_line, take_message
 from relay.envelope import Envelope as RelayEnvelope
 from relay.envelope import Route
-from relay.errors import SpoolError, SpoolFull
+from relay.errors import SpoolError
 from relay.passwords import VerifiedCache, hash_password, verify_password
-from relay.policy import HeaderDecision, Policy, Principal, Refusal
-from relay.rewrite import HeaderRewriter, drop_fields
+from relay.policy import Policy, Principal, Refusal
 
 log = logging.getLogger("relay.listener")
 
@@ -67,18 +65,6 @@ _AIOSMTPD_LOG.setLevel(logging.WARNING)
 if _only_errors not in _AIOSMTPD_LOG.filters:
     _AIOSMTPD_LOG.addFilter(_only_errors)
 
-_CHUNK = 64 * 1024
-_BARE_EOL = re.compile(rb"\r\n|\n|\r")
-#: what a client sees when something unexpected happens: transient, no internals.
-INTERNAL_ERROR = "451 4.3.0 Local error in processing, try again later"
-
-
-class BodySink(Protocol):
-    """Where DATA goes as it arrives (a spool BodyWriter)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def abort(self) -> None: ...
 
 
 class Intake(Protocol):
@@ -315,26 +301,6 @@ class RelayHandler(_CheapIntrospection):
         return INTERNAL_ERROR
 
 
-class _LineTooLong(Exception):
-    """A line longer than the reader's limit was read and thrown away up to its end."""
-
-
-async def read_line(reader: asyncio.StreamReader, separator: bytes = b"\r\n") -> bytes:
-    """One line including ``separator``. A line over the reader's limit is consumed up to and
-    including its separator (so the stream stays in sync: its tail is never taken for a new line)
-    and :class:`_LineTooLong` is raised. EOF raises :class:`asyncio.IncompleteReadError`."""
-    try:
-        return await reader.readuntil(separator)
-    except asyncio.LimitOverrunError as exc:
-        await reader.readexactly(exc.consumed)
-    while True:
-        try:
-            await reader.readuntil(separator)
-            raise _LineTooLong
-        except asyncio.LimitOverrunError as exc:
-            await reader.readexactly(exc.consumed)
-
-
 # aiosmtpd inspects handle_EHLO's signature on every connection (to tell its old 4-argument form
 # from the 5-argument one): a third of the cost of a new connection. PEP 362's __signature__ lets
 # inspect.signature() answer from the function itself; the signature cannot change at run time.
@@ -514,7 +480,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
         try:
             line = await read_line(self._reader, b"\n")
-        except _LineTooLong:
+        except LineTooLong:
             await self.push("500 5.5.6 Authentication exchange line is too long")
             return MISSING
         except asyncio.IncompleteReadError:
@@ -633,10 +599,10 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         try:
             body = self.state.intake.new_body()
         except SpoolError:
-            await self.push("452 4.3.1 Insufficient system storage, try again later")
+            await self.push(SPOOL_FULL)
             return
         policy = self.state.policy
-        receiver = _DataReceiver(
+        receiver = DataReceiver(
             body, limit=limits.max_message_size, line_limit=limits.line_length,
             header_limit=limits.max_header_size,
             check_headers=lambda headers: policy.header_from(principal, route, headers),
@@ -644,49 +610,30 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         )
         self._reset_timeout(limits.data_timeout)
         await self.push("354 3.0.0 End data with <CR><LF>.<CR><LF>")
-        try:
-            reply = await receiver.receive(self._reader)
-        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
-            body.abort()
-            raise
-        except SpoolFull:
-            reply = "452 4.3.1 Insufficient system storage, try again later"
-        except (SpoolError, OSError):
-            reply = "451 4.3.0 Local error storing the message, try again later"
-        if reply is not None:
-            body.abort()
-            self._reset_timeout()
-            await self.push(reply)
-            self._set_post_data_state()
-            return
+        # From here on exactly one reply for this DATA, after its end-of-data line (relay.data).
+        reply = await take_message(self._reader, receiver, functools.partial(self._accept, route))
+        self._reset_timeout()
+        await self.push(reply)
+        self._set_post_data_state()
+
+    async def _accept(self, route: Route, receiver: DataReceiver) -> str:
+        """A complete message: store it durably (and maybe deliver at once); the client's reply."""
         if receiver.rewritten:
             route = dataclasses.replace(route, rewrite_from=True, notes=(
                 *route.notes, f"header From rewritten to <{route.mailbox}>"))
         if receiver.sender_dropped:
             route = dataclasses.replace(route, notes=(*route.notes, "header Sender removed (not allowed)"))
+        env = self.env()
         envelope = RelayEnvelope(
-            mail_from="" if self.env().mail_from == "<>" else str(self.env().mail_from),
-            rcpt_tos=tuple(self.env().rcpt_tos),
-            mail_options=tuple(o for o in self.env().mail_options if not o.upper().startswith("SIZE=")),
+            mail_from="" if env.mail_from == "<>" else str(env.mail_from),
+            rcpt_tos=tuple(env.rcpt_tos),
+            mail_options=tuple(o for o in env.mail_options if not o.upper().startswith("SIZE=")),
         )
         # Delivery may take up to delivery.sync_wait: that is not the client being idle.
+        limits = self.state.settings.limits
         self._reset_timeout(limits.idle_timeout + self.state.settings.delivery.sync_wait)
-        try:
-            reply = await self.state.intake.accept(envelope, route, body, message_id=receiver.message_id,
-                                                   client=self.client_label())
-        except SpoolFull:
-            body.abort()
-            reply = "452 4.3.1 Insufficient system storage, try again later"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            body.abort()
-            log.error("could not accept a message: %s", type(exc).__name__,
-                      extra={"event": "accept_failed", "error_type": type(exc).__name__})
-            reply = INTERNAL_ERROR
-        self._reset_timeout()
-        await self.push(reply)
-        self._set_post_data_state()
+        return await self.state.intake.accept(envelope, route, receiver.body, message_id=receiver.message_id,
+                                              client=self.client_label())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -728,173 +675,6 @@ def _b64(text: str) -> bytes | None:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         return None
-
-
-HeaderCheck = Callable[[bytes], "HeaderDecision | Refusal"]
-
-
-class _DataReceiver:
-    """Reads DATA lines until CRLF.CRLF, un-stuffs dots, streams them to the body sink.
-
-    Only a line that is exactly ``.CRLF`` (after a CRLF) ends the message: ``\\n.\\r\\n``,
-    ``\\r.\\r\\n`` and ``\\n.\\n`` are message content (SMTP smuggling). A line over the limit is read
-    to its CRLF and dropped, never split, so its tail cannot be taken for the end of the data.
-
-    Returns an error reply (and keeps reading to the end so the session stays in sync) when the
-    message is too big, a line is too long, or policy refuses its header From; None when complete.
-    """
-
-    def __init__(self, body: BodySink, *, limit: int, line_limit: int, header_limit: int = 256 * 1024,
-                 check_headers: HeaderCheck | None = None,
-                 keepalive: Callable[[], None] | None = None) -> None:
-        self.body = body
-        self.limit = limit
-        self.line_limit = line_limit
-        self.header_limit = header_limit
-        self.check_headers = check_headers
-        self.keepalive = keepalive
-        self.size = 0
-        self.message_id = ""
-        self.rewritten = False
-        self.sender_dropped = False
-        self._in_headers = True
-        self._headers = bytearray()
-        self._buffer = bytearray()
-        self._error: str | None = None
-
-    async def receive(self, reader: asyncio.StreamReader) -> str | None:
-        too_long = f"500 5.5.2 Line too long (at most {self.line_limit} bytes)"
-        last_keepalive = time.monotonic()
-        # The header block line by line (it is small and judged field by field), then the body in
-        # blocks: one Python step per line cost ~15 % of the CPU per message.
-        while self._in_headers and self._error is None:
-            try:
-                line = await read_line(reader)
-            except _LineTooLong:
-                self._error = self._error or too_long
-                break
-            if line == b".\r\n":
-                self._finish()
-                return self._error
-            if self.keepalive is not None and time.monotonic() - last_keepalive > 1.0:
-                last_keepalive = time.monotonic()
-                self.keepalive()
-            if len(line) > self.line_limit + 2:
-                self._error = too_long
-                break
-            if line.startswith(b"."):
-                line = line[1:]
-            self.size += len(line)
-            if self.size > self.limit:
-                self._error = self._too_big()
-                break
-            self._take(line)
-        await self._receive_blocks(reader, too_long)
-        if self._error is None:
-            self._finish()
-        return self._error
-
-    def _too_big(self) -> str:
-        return f"552 5.3.4 Message size exceeds fixed maximum message size ({self.limit} bytes)"
-
-    async def _receive_blocks(self, reader: asyncio.StreamReader, too_long: str) -> None:
-        """The rest of DATA, from a line start to the line ``.CRLF``, in blocks.
-
-        ``readuntil(b".\r\n")`` stops at every ``.CRLF``; it ends the data only when the dot starts
-        a line (right after a CRLF), so ``\n.\r\n`` and ``\r.\r\n`` stay content as in the line
-        loop. ``tail`` holds an incomplete line: blocks are judged (line length, dot-unstuffing,
-        size) only up to their last CRLF.
-        """
-        tail = b""
-        last_keepalive = time.monotonic()
-        while True:
-            try:
-                chunk = await reader.readuntil(b".\r\n")
-            except asyncio.LimitOverrunError as exc:  # no .CRLF within the reader's limit: take a block
-                chunk = await reader.readexactly(exc.consumed)
-            data = tail + chunk
-            final = data == b".\r\n" or data.endswith(b"\r\n.\r\n")
-            if self.keepalive is not None and time.monotonic() - last_keepalive > 1.0:
-                last_keepalive = time.monotonic()
-                self.keepalive()
-            if final:
-                complete, tail = data[:-3], b""
-            else:
-                cut = data.rfind(b"\r\n") + 2
-                complete, tail = data[:cut], data[cut:]
-                if len(tail) > self.line_limit + 2:
-                    # An over-long line: refuse the message, keep reading; "x" marks "not at a line
-                    # start" without keeping the line in memory.
-                    self._error = self._error or too_long
-                    tail = b"x"
-            if complete and self._error is None:
-                self._take_block(complete, too_long)
-            if final:
-                return
-
-    def _take_block(self, complete: bytes, too_long: str) -> None:
-        """Whole lines (from a line start, ending with CRLF): limits, dot-unstuffing, then the body."""
-        if max(map(len, complete.split(b"\r\n"))) > self.line_limit:
-            self._error = too_long
-            return
-        unstuffed = (b"\r\n" + complete).replace(b"\r\n.", b"\r\n")[2:]
-        self.size += len(unstuffed)
-        if self.size > self.limit:
-            self._error = self._too_big()
-            return
-        if self._in_headers:  # only after an error in the header loop, and then nothing is kept
-            return
-        self._buffer += unstuffed
-        if len(self._buffer) >= _CHUNK:
-            self.body.write(bytes(self._buffer))
-            self._buffer.clear()
-
-    def _take(self, line: bytes) -> None:
-        if self._in_headers:
-            # Judge the header block exactly as Exchange will see it: upstream turns every bare LF
-            # or CR into CRLF, so a bare one here may end the header block or start a new field.
-            pieces = _BARE_EOL.sub(b"\r\n", line).split(b"\r\n")[:-1]
-            for i, piece in enumerate(pieces):
-                self._headers += piece + b"\r\n"
-                if piece == b"":
-                    self._end_headers()
-                    rest = b"".join(p + b"\r\n" for p in pieces[i + 1:])
-                    if rest and self._error is None:
-                        self._buffer += rest
-                    return
-            if len(self._headers) > self.header_limit:
-                self._error = f"552 5.3.4 Message header too large (at most {self.header_limit} bytes)"
-            return
-        self._buffer += line
-        if len(self._buffer) >= _CHUNK:
-            self.body.write(bytes(self._buffer))
-            self._buffer.clear()
-
-    def _end_headers(self) -> None:
-        self._in_headers = False
-        headers = bytes(self._headers)
-        self._headers.clear()
-        parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(headers)
-        self.message_id = _CONTROL.sub("", str(parsed.get("Message-ID", "") or "")).strip()[:256]
-        if self.check_headers is not None:
-            decision = self.check_headers(headers)
-            if isinstance(decision, Refusal):
-                self._error = decision.reply
-                return
-            if decision.drop_sender:
-                headers = drop_fields(headers, "sender")
-                self.sender_dropped = True
-            if decision.rewrite_to is not None:
-                headers = HeaderRewriter(decision.rewrite_to).rewrite(headers)
-                self.rewritten = True
-        self.body.write(headers)
-
-    def _finish(self) -> None:
-        if self._in_headers:
-            self._end_headers()
-        if self._error is None and self._buffer:
-            self.body.write(bytes(self._buffer))
-            self._buffer.clear()
 
 
 async def start_listener(

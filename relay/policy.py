@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.config import NetworkRule, RewriteFrom, Settings, UserSettings
 from relay.envelope import Route
-from relay.rewrite import field_name, from_addresses, split_header_fields
+from relay.rewrite import field_name, from_addresses, has_forbidden_characters, split_header_fields
 
 
 @dataclass(frozen=True)
@@ -71,14 +70,6 @@ def sender_matches(address: str, pattern: str) -> bool:
     if any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(address, pattern)
     return address == pattern
-
-
-#: CR, LF, NUL and every other control character, plus lone surrogates (bytes that were not UTF-8).
-_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-
-
-def _has_forbidden_characters(address: str) -> bool:
-    return _FORBIDDEN.search(address) is not None
 
 
 @dataclass(frozen=True)
@@ -156,16 +147,16 @@ class Policy:
         return HeaderDecision(rewrite_to=route.mailbox, drop_sender=drop_sender)
 
     def _allowed(self, principal: Principal, addresses: Iterable[str]) -> bool:
-        return all(not _has_forbidden_characters(a) and self.may_send_as(principal, a) for a in addresses)
+        return all(not has_forbidden_characters(a) and self.may_send_as(principal, a) for a in addresses)
 
     def check_recipient(self, address: str) -> Refusal | None:
-        if _has_forbidden_characters(address) or not address or "@" not in address:
+        if has_forbidden_characters(address) or not address or "@" not in address:
             return Refusal(553, "5.1.3 Recipient address is not a valid address")
         return None
 
     def route(self, principal: Principal, mail_from: str) -> Route | Refusal:
         """Decide the mailbox, the app and the envelope sender for a message from ``principal``."""
-        if _has_forbidden_characters(mail_from):
+        if has_forbidden_characters(mail_from):
             return Refusal(553, "5.1.7 Sender address contains forbidden characters")
         sender = mail_from.lower()
         rewrite_mode = self.settings.sender.rewrite_from

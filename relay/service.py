@@ -24,6 +24,7 @@ import aiosmtplib
 from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
 from relay.committer import GroupCommitter
 from relay.config import Settings, load_settings, load_warnings, parse_host_port
+from relay.data import BodySink
 from relay.delivery import Delivery
 from relay.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
 from relay.envelope import Envelope, Route
@@ -31,7 +32,6 @@ from relay.errors import SpoolError, SpoolFull, TokenError
 from relay.graph import GraphSender
 from relay.listener import (
     AuthLimiter,
-    BodySink,
     ListenerState,
     make_server_tls_context,
     start_listener,
