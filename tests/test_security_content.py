@@ -1,0 +1,249 @@
+"""Hostile message *content* at the real listener: header blocks the relay parses.
+
+Raw bytes over a real socket to a relay running against the simulated Microsoft 365, then checks at
+the simulated Exchange. The property everywhere: one DATA is one message. Whatever the header block
+says, the client gets exactly one reply per DATA, the session stays in step (a NOOP after it gets
+250), Exchange stores at most the one message the client meant (never the one hidden in its body),
+and no body file or descriptor is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay.testing.harness import RelayThread, relay_config, wait_until
+from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from tests.conftest import RelayFactory
+from tests.test_security_support import RawSMTP
+
+RCPT = "someone@fabrikam.example"
+SMUGGLED_RCPT = "smuggled@evil.example"
+#: A second transaction hidden in the body: read as commands only if the session loses step.
+SMUGGLED = (f"RSET\r\nMAIL FROM:<{STANDARD_MAILBOX}>\r\nRCPT TO:<{SMUGGLED_RCPT}>\r\nDATA\r\n"
+            f"From: {STANDARD_MAILBOX}\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\n").encode()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def hostile(from_header: bytes) -> bytes:
+    return (from_header + f"To: {RCPT}\r\nSubject: hostile\r\n\r\nbody\r\n".encode() + SMUGGLED)
+
+
+PAYLOADS = {
+    "empty group twice": b"From: g:;;\r\n",
+    "group list": b"From: g: ;, h: a@b.example;\r\n",
+    "group with semicolons": b"From: g: a@b.example;;;\r\n",
+    "colons": b"From: " + b":" * 3000 + b"\r\n",
+    "nested comments": b"From: " + b"(" * 500 + b"x" + b")" * 500 + b" <ceo@contoso.com>\r\n",
+    "open comments": b"From: " + b"(" * 900 + b"\r\n",
+    "quotes": b"From: " + b"\"" * 900 + b"\r\n",
+    "quoted pairs": b"From: \"" + b"\\\"" * 400 + b"\r\n",
+    "route": b"From: <@evil.example:ceo@contoso.com>\r\n",
+    "NUL": b"From: \"CEO\x00\" <ceo@contoso.com>\r\n",
+    "space before colon": b"From : ceo@contoso.com\r\n",
+    "leading continuation": b" From: ceo@contoso.com\r\n",
+    "Sender group": b"Sender: g:;;\r\n",
+    "folded 72 KB of quotes": b"From: " + b"\r\n ".join([b"\"" * 70] * 1000) + b"\r\n",
+}
+
+
+@pytest.fixture
+def relay_with_spool(relay_factory: RelayFactory) -> RelayThread:
+    return relay_factory()
+
+
+def assert_nothing_left(relay: RelayThread, fds_before: int) -> None:
+    state = relay.relay.listener_state
+    wait_until(lambda: state.connections == 0, 10, "connections to close")
+    tmp = relay.relay.spool.tmp_dir
+    wait_until(lambda: not any(tmp.iterdir()), 10, f"spool tmp files to go: {list(tmp.iterdir())}")
+    wait_until(lambda: open_fds() <= fds_before, 10, "descriptors to be closed")
+
+
+def test_hostile_from_headers_never_smuggle_a_second_message(relay: RelayThread, m365: SimulatedM365) -> None:
+    with RawSMTP(relay.port) as warm:  # the first message opens what stays open (spool, upstream)
+        warm.ehlo()
+        warm.login()
+        assert warm.send_mail(STANDARD_MAILBOX, [RCPT], hostile(b"From: " + STANDARD_MAILBOX.encode()
+                                                                  + b"\r\n")).startswith(b"250")
+    m365.exchange.wait_for_messages(1, timeout=15)
+    fds_before = open_fds()
+    replies: dict[str, bytes] = {}
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        c.login()
+        for name, header in PAYLOADS.items():
+            replies[name] = c.send_mail(STANDARD_MAILBOX, [RCPT], hostile(header))
+            # In step: the very next reply is the NOOP's, not one for a smuggled command.
+            assert c.cmd("NOOP").startswith(b"250 2.0.0"), (name, c.transcript[-3:])
+        c.expect("QUIT", 221)
+    for name, reply in replies.items():
+        assert reply[:1] in (b"2", b"4", b"5") and reply[4:5].isdigit(), (name, reply)
+    assert replies["leading continuation"].startswith(b"554 5.6.0")
+    accepted_count = 1 + sum(r.startswith(b"250") for r in replies.values())
+    accepted = m365.exchange.wait_for_messages(accepted_count, timeout=30)
+    assert len(accepted) == accepted_count
+    for message in accepted:
+        assert message.rcpt_tos == (RCPT,)
+        assert SMUGGLED_RCPT not in message.rcpt_tos
+        head = message.content.split(b"\r\n\r\n", 1)[0]
+        assert b"\x00" not in head, head[:200]
+    assert_nothing_left(relay, fds_before)
+
+
+def test_no_smuggling_through_a_failing_header_check(relay: RelayThread, m365: SimulatedM365) -> None:
+    """Any exception while judging headers (here: forced) gives one 451 after the end of data."""
+
+    def broken(*_args: object) -> object:
+        raise AttributeError("'Group' object has no attribute 'local_part'")
+
+    relay.relay.listener_state.policy.header_from = broken  # type: ignore[method-assign]
+    fds_before = open_fds()
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        c.login()
+        for _ in range(20):
+            reply = c.send_mail(STANDARD_MAILBOX, [RCPT], hostile(b"From: relay@contoso.com\r\n"))
+            assert reply.startswith(b"451 4.3.0"), reply
+            assert c.cmd("NOOP").startswith(b"250 2.0.0")
+        c.expect("QUIT", 221)
+    assert m365.exchange.accepted == []
+    assert_nothing_left(relay, fds_before)
+
+
+def test_a_pathological_from_does_not_stall_other_clients(relay: RelayThread, m365: SimulatedM365) -> None:
+    """While 72 KB pathological From fields are received and judged, another connection's NOOP
+    round trip stays under 100 ms."""
+    payloads = [PAYLOADS["folded 72 KB of quotes"],
+                b"From: " + b"\r\n ".join([b"a." * 35] * 1000) + b"\r\n",
+                b"From: " + b"\r\n ".join([b"a, " * 23] * 1000) + b"\r\n",
+                PAYLOADS["quotes"], PAYLOADS["open comments"], b"From: " + b"a " * 450 + b"\r\n"]
+    done = threading.Event()
+    replies: list[bytes] = []
+
+    def attacker() -> None:
+        try:
+            with RawSMTP(relay.port, timeout=60) as c:
+                c.ehlo()
+                c.login()
+                for header in payloads * 3:
+                    replies.append(c.send_mail(STANDARD_MAILBOX, [RCPT], hostile(header)))
+        finally:
+            done.set()
+
+    with RawSMTP(relay.port) as other:
+        other.ehlo()
+        worst = 0.0
+        rounds = 0
+        thread = threading.Thread(target=attacker, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            started = time.perf_counter()
+            other.expect("NOOP", 250)
+            worst = max(worst, time.perf_counter() - started)
+            rounds += 1
+        thread.join(10)
+    assert done.is_set() and len(replies) == len(payloads) * 3, replies
+    assert rounds > 10
+    assert worst < 0.1, f"a NOOP took {worst * 1000:.0f} ms while hostile From fields were judged"
+
+
+def test_nul_never_reaches_a_rewritten_reply_to(relay: RelayThread, m365: SimulatedM365) -> None:
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        c.login()
+        body = b"From: \"Boss\x00\" <ceo@contoso.com>\r\nTo: someone@fabrikam.example\r\n\r\nhi\r\n.\r\n"
+        assert c.send_mail(STANDARD_MAILBOX, [RCPT], body).startswith(b"250")
+    (message,) = m365.exchange.wait_for_messages(1, timeout=15)
+    head = message.content.split(b"\r\n\r\n", 1)[0]
+    assert b"\x00" not in head
+    assert f"From: <{STANDARD_MAILBOX}>".encode() in head, head
+
+
+# ------------------------------------------------------------------------------ content fuzzing
+
+#: RFC 5322 grammar pieces, valid and obsolete, plus odd bytes: what a header block is built from.
+ATOMS = st.sampled_from(["a", "relay", "contoso.com", "ceo", "x.y", "=?utf-8?q?=40?=", "=?utf-8?b?PGV2aWw+?="])
+PIECES = st.one_of(
+    ATOMS,
+    st.sampled_from(["@", "<", ">", ":", ";", ",", ".", "\"", "\\", "(", ")", "[", "]", " ", "\t", "\r\n ",
+                     "\x00", "\x7f", "\u00fc", "\udcff", "g:;", "g: a@b.example;", "<@route:a@b.example>",
+                     f"<{STANDARD_MAILBOX}>", STANDARD_MAILBOX, "ceo@contoso.com", "\"Doe, Jane\"",
+                     "(comment (nested))", "\"q\\\"uoted\""]),
+    st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=0x7F), max_size=8),
+)
+NAMES = st.sampled_from(["From", "from", "FROM", "From ", "From\t", "Sender", "Sender ", "Reply-To",
+                         "Message-ID", "Subject", "X-Odd", " From", "\tFrom"])
+
+
+@st.composite
+def header_blocks(draw: st.DrawFn) -> bytes:
+    fields = []
+    for _ in range(draw(st.integers(1, 4))):
+        name = draw(NAMES)
+        value = "".join(draw(st.lists(PIECES, max_size=12)))
+        repeat = draw(st.sampled_from([1, 1, 1, 50, 400]))  # sometimes long runs
+        fields.append(f"{name}: {value * repeat}".encode("utf-8", "surrogateescape"))
+    block = b"\r\n".join(fields).replace(b"\r\n.", b"\r\n..")
+    if block.startswith(b"."):
+        block = b"." + block
+    return block + b"\r\n"
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RelayThread, SimulatedM365]]:
+    tmp = tmp_path_factory.mktemp("content-fuzz")
+    sim = SimulatedM365.standard(tmp / "m365").start()
+    workdir = tmp / "relay"
+    workdir.mkdir()
+    relay = RelayThread.from_dict(relay_config(sim, workdir)).start()
+    try:
+        # Open what stays open (spool database, an upstream session) before counting descriptors.
+        send_one_fuzzed(relay, sim, f"From: {STANDARD_MAILBOX}\r\n".encode(), count_fds=False)
+        yield relay, sim
+    finally:
+        relay.stop()
+        sim.stop()
+
+
+def send_one_fuzzed(relay: RelayThread, m365: SimulatedM365, block: bytes, *, count_fds: bool = True) -> None:
+    """The property for one header block (shared with bench/fuzz_content.py)."""
+    before = len(m365.exchange.accepted)
+    fds_before = open_fds()
+    with RawSMTP(relay.port, timeout=10) as c:
+        c.ehlo()
+        c.login()
+        started = time.perf_counter()
+        reply = c.send_mail(STANDARD_MAILBOX, [RCPT], block + f"To: {RCPT}\r\n\r\nbody\r\n".encode() + SMUGGLED)
+        took = time.perf_counter() - started
+        assert reply[:1] in (b"2", b"4", b"5") and reply[4:5].isdigit(), reply
+        assert c.cmd("NOOP").startswith(b"250 2.0.0"), c.transcript[-3:]
+        c.expect("QUIT", 221)
+    assert took < 1.0, f"DATA reply after {took:.2f} s"
+    expected = before + (1 if reply.startswith(b"250") else 0)
+    if expected > before:
+        m365.exchange.wait_for_messages(expected, timeout=15)
+    accepted = m365.exchange.accepted
+    assert len(accepted) == expected
+    assert all(m.rcpt_tos == (RCPT,) for m in accepted[before:])
+    assert_nothing_left(relay, fds_before if count_fds else 1 << 30)
+
+
+@settings(max_examples=int(os.environ.get("CONTENT_FUZZ_EXAMPLES", "100")), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(block=header_blocks())
+def test_content_fuzz_one_data_is_one_message(fuzz_target: tuple[RelayThread, SimulatedM365],
+                                              block: bytes) -> None:
+    relay, m365 = fuzz_target
+    send_one_fuzzed(relay, m365, block)
