@@ -22,6 +22,7 @@ from email.utils import format_datetime, formatdate, make_msgid
 from pathlib import Path
 
 from relay.envelope import Envelope, Route
+from relay.rewrite import field_name, field_value, split_header_fields
 
 _HEADER_READ_LIMIT = 256 * 1024
 
@@ -38,9 +39,15 @@ def read_headers(body_path: Path) -> bytes:
 
 def is_automatic(headers: bytes) -> bool:
     """Automatic mail (RFC 3834 Auto-Submitted, or itself a DSN): never answered with a DSN."""
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(headers)
-    auto = str(parsed.get("Auto-Submitted", "no") or "no").strip().lower()
-    content_type = str(parsed.get("Content-Type", "") or "").lower().replace(" ", "").replace('"', "")
+    values = {"auto-submitted": "no", "content-type": ""}
+    seen: set[str] = set()
+    for raw in split_header_fields(headers):  # linear, whatever the header block holds
+        name = field_name(raw)
+        if name in values and name not in seen:
+            seen.add(name)
+            values[name] = field_value(raw)
+    auto = (values["auto-submitted"] or "no").strip().lower()
+    content_type = values["content-type"].lower().replace(" ", "").replace('"', "")
     return auto != "no" or "report-type=delivery-status" in content_type
 
 

@@ -180,16 +180,19 @@ class Relay:
             headers = await asyncio.to_thread(read_headers, self.spool.body_path(entry.id))
         except OSError:
             headers = b""
+        # Off the event loop: the header block is whatever the client sent (up to 256 KiB).
+        automatic = await asyncio.to_thread(is_automatic, headers)
         targets: list[str] = []
-        if dsn.to_sender and dsn_allowed(entry.envelope, headers):
+        if dsn.to_sender and await asyncio.to_thread(dsn_allowed, entry.envelope, headers):
             targets.append(entry.envelope.mail_from)
-        if dsn.admin and not is_automatic(headers) and dsn.admin not in targets:
+        if dsn.admin and not automatic and dsn.admin not in targets:
             targets.append(dsn.admin)
         if not targets:
             return
         failed = dict(entry.recipients_failed) or {r: entry.last_reply or reason for r in entry.pending_recipients}
         route = dsn_route(entry.route)
-        body = build_dsn(reporting_host=self.settings.hostname or socket.getfqdn(), mailbox=route.mailbox,
+        body = await asyncio.to_thread(
+            build_dsn, reporting_host=self.settings.hostname or socket.getfqdn(), mailbox=route.mailbox,
                          original=entry.envelope, original_headers=headers, failed=failed, queue_id=entry.id,
                          arrival=entry.created_at, recipients=tuple(targets), reason=reason)
         try:

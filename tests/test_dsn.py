@@ -50,3 +50,10 @@ def test_no_dsn_for_null_sender_or_automatic_mail() -> None:
     assert not dsn_allowed(Envelope("", ("x@y.z",)), b"From: a@b.c\r\n\r\n")
     assert not dsn_allowed(Envelope("a@b.c", ("x@y.z",)), b"Auto-Submitted: auto-generated\r\n\r\n")
     assert dsn_allowed(Envelope("a@b.c", ("x@y.z",)), b"Auto-Submitted: no\r\nFrom: a@b.c\r\n\r\n")
+
+
+def test_is_automatic_reads_fields_whatever_comes_before_them() -> None:
+    many = b"X-Filler: a\r\n" * 40000
+    assert is_automatic(many + b"auto-submitted :\r\n auto-generated\r\n\r\n")
+    assert is_automatic(many + b"Content-Type: multipart/report;\r\n report-type=\"delivery-status\"\r\n\r\n")
+    assert not is_automatic(many + b"Auto-Submitted: no\r\nAuto-Submitted: auto-replied\r\n\r\n")
