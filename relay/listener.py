@@ -27,12 +27,11 @@ import time
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from relay.addresses import parse_path
 from relay.config import AuthMode, ListenSettings, Settings, TlsMode
 from relay.data import INTERNAL_ERROR, SPOOL_FULL, BodySink, DataReceiver, LineTooLong, read_line, take_message
 from relay.envelope import Envelope as RelayEnvelope
@@ -356,7 +355,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         (4 % of the CPU per message); same parser, same results."""
         if not arg:
             return "", ""
-        parsed = _parse_path(arg)
+        parsed = parse_path(arg)
         if parsed is None:
             return None, None
         addr, rest = parsed
@@ -634,18 +633,6 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         self._reset_timeout(limits.idle_timeout + self.state.settings.delivery.sync_wait)
         return await self.state.intake.accept(envelope, route, receiver.body, message_id=receiver.message_id,
                                               client=self.client_label())
-
-
-@functools.lru_cache(maxsize=1024)
-def _parse_path(arg: str) -> tuple[str, str] | None:
-    """(address, rest of the line) of a MAIL FROM/RCPT TO argument, or None if it does not parse.
-    Remembered: applications send the same few addresses all day (command lines are short)."""
-    try:
-        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-        address, rest = parse(arg)
-    except HeaderParseError:
-        return None
-    return str(address.addr_spec), str(rest)
 
 
 _DUMMY_HASHES: dict[tuple[str, ...], str] = {}

@@ -8,41 +8,18 @@ Only the header block is touched; every other byte of the message stays as recei
 
 from __future__ import annotations
 
-import email.errors
 import email.utils
 import functools
 import re
-from email.headerregistry import HeaderRegistry
 
+from relay.addresses import MAX_ADDRESS_FIELD, address_list, has_control_characters, simple_address
 from relay.envelope import Route
-
-_REGISTRY = HeaderRegistry()
 
 #: A field name, and the colon after it; white space before the colon is RFC 5322's obsolete
 #: syntax (``From :``), which Exchange and mail clients still read as the field it names.
 _FIELD_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.ASCII)
 
-#: The longest From/Sender value (unfolded) that policy parses; a longer one is not allowed (policy
-#: rewrites or refuses it). RFC 5322's line limit: real From fields are far shorter, and the address
-#: parsers of the standard library take super-linear time on hostile input.
-MAX_ADDRESS_FIELD = 998
-
-
-#: CR, LF, NUL and every other control character, plus lone surrogates (bytes that were not UTF-8).
-_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-
-
-def has_forbidden_characters(text: str) -> bool:
-    return _FORBIDDEN.search(text) is not None
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def has_control_characters(text: str) -> bool:
-    """A NUL, CR, LF or other control character (bytes that are not UTF-8 are not counted here:
-    legacy applications still write Latin-1 display names)."""
-    return _CONTROL.search(text) is not None
+_CACHED_FIELD_MAX = 512
 
 
 def split_header_fields(block: bytes) -> list[bytes]:
@@ -89,30 +66,6 @@ def from_addresses(raw: bytes) -> tuple[str, ...] | None:
     return _from_addresses(raw)
 
 
-_CACHED_FIELD_MAX = 512
-
-# The common shapes of a From or Sender field, judged without the standard library's parsers:
-# ``addr``, ``<addr>``, ``Words <addr>`` and ``"Quoted name" <addr>``, where addr is a dot-atom
-# local part and a dot-atom domain (no quoted local parts, no comments, no groups, no routes).
-# For every value these match, both parsers give the same single address (a property test checks
-# it); every other value takes the full, slower path (bounded by MAX_ADDRESS_FIELD, off the loop).
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM = rf"{_ATEXT}++(?:\.{_ATEXT}++)*+"
-_ADDR = rf"(?P<addr>{_DOT_ATOM}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]++)*+)"
-_WORDS = rf"{_ATEXT}++(?: {_ATEXT}++)*+"
-_QUOTED = r'"[ !#-\[\]-~\u00a0-\ud7ff\ue000-\U0010ffff]*+"'
-_SIMPLE_VALUE = re.compile(rf"(?:{_ADDR}|(?:(?:{_WORDS}|{_QUOTED}) )?<{_ADDR.replace('addr', 'angle')}>)")
-
-
-def simple_address(value: str) -> str | None:
-    """The address of a From/Sender value (unfolded, stripped) of one of the common simple shapes,
-    lower-cased; None when the value is not one of them (which says nothing about its validity)."""
-    m = _SIMPLE_VALUE.fullmatch(value)
-    if m is None:
-        return None
-    return (m.group("addr") or m.group("angle")).lower()
-
-
 def is_simple_address_field(raw: bytes) -> bool:
     """Is this raw field's value one of the shapes :func:`simple_address` judges at once?"""
     return simple_address(field_value(raw)) is not None
@@ -124,35 +77,7 @@ def _from_addresses_cached(raw: bytes) -> tuple[str, ...] | None:
 
 
 def _from_addresses(raw: bytes) -> tuple[str, ...] | None:
-    value = field_value(raw)
-    if len(value) > MAX_ADDRESS_FIELD or has_control_characters(value):
-        return None
-    simple = simple_address(value)
-    if simple is not None:
-        return (simple,)
-    return parse_addresses(value)
-
-
-def parse_addresses(value: str) -> tuple[str, ...] | None:
-    """The full judgement of an address-list value: both standard library parsers, which must agree
-    with no invalid-address defect. Super-linear on hostile input: callers bound ``value``."""
-    try:
-        legacy = [addr.lower() for _name, addr in email.utils.getaddresses([value])]
-        header = _REGISTRY("From", value)
-        modern = [a.addr_spec.lower() for a in header.addresses]  # type: ignore[attr-defined]
-        defects = header.defects
-    except Exception:  # a parser that fails on a value makes it ambiguous, whatever the error
-        # (the RFC 5322 parser raises AttributeError on "g:;;", IndexError, ValueError... on others)
-        return None
-    if any(isinstance(d, email.errors.InvalidHeaderDefect) for d in defects):
-        return None
-    if not legacy or legacy != modern:
-        return None
-    for addr in legacy:
-        local, at, domain = addr.rpartition("@")
-        if not at or not local or not domain or "@" in domain:
-            return None
-    return tuple(legacy)
+    return address_list(field_value(raw))
 
 
 def display_part(value: str) -> str:

@@ -247,3 +247,16 @@ def test_content_fuzz_one_data_is_one_message(fuzz_target: tuple[RelayThread, Si
                                               block: bytes) -> None:
     relay, m365 = fuzz_target
     send_one_fuzzed(relay, m365, block)
+
+
+@pytest.mark.parametrize("path", ["<" + '"' * 3000 + ">", "<" + "(" * 3000 + "a@b.example>", "<" + "a." * 1500 + ">"],
+                         ids=["quotes", "nested comments", "dots"])
+def test_hostile_paths_get_a_precise_refusal_at_once(relay: RelayThread, path: str) -> None:
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        c.login()
+        for _ in range(20):  # each one used to take the event loop for ~0.15 s, or raise RecursionError
+            assert c.cmd(f"MAIL FROM:{path}").startswith(b"553 5.1.3"), c.transcript[-1]
+        c.expect(f"MAIL FROM:<{STANDARD_MAILBOX}>", 250)
+        assert c.cmd(f"RCPT TO:{path}").startswith(b"553 5.1.3"), c.transcript[-1]
+        c.expect("NOOP", 250)
