@@ -19,11 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from relay.testing.harness import RelayThread, relay_config
-from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
-from tests.test_security_content import header_blocks, send_one_fuzzed
+from tests.test_security_content import header_blocks, send_one_fuzzed, start_fuzz_target
 
 
 def main() -> int:
@@ -34,20 +32,24 @@ def main() -> int:
     logging.basicConfig(level=logging.CRITICAL)  # refusals and rewrites are expected here
     stats = {"examples": 0, "bytes": 0, "accepted": 0}
     with tempfile.TemporaryDirectory(prefix="fuzz-content-") as tmp:
-        sim = SimulatedM365.standard(Path(tmp) / "m365").start()
-        (Path(tmp) / "relay").mkdir()
-        relay = RelayThread.from_dict(relay_config(sim, Path(tmp) / "relay")).start()
+        relay, sim = start_fuzz_target(Path(tmp))
         started = time.monotonic()
         try:
-            send_one_fuzzed(relay, sim, f"From: {STANDARD_MAILBOX}\r\n".encode(), count_fds=False)
+
+            failures: list[str] = []
 
             @settings(max_examples=args.examples, deadline=None, database=None, print_blob=True,
-                      suppress_health_check=list(HealthCheck))
+                      suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
+                      phases=[Phase.explicit, Phase.reuse, Phase.generate])
             @given(block=header_blocks())
             def run(block: bytes) -> None:
                 stats["examples"] += 1
                 stats["bytes"] += len(block)
-                send_one_fuzzed(relay, sim, block)
+                try:
+                    send_one_fuzzed(relay, sim, block)
+                except Exception as exc:
+                    failures.append(f"{type(exc).__name__}: {str(exc)[:300]} <- {block[:160]!r}")
+                    raise
 
             if args.seed is not None:
                 run = seed(args.seed)(run)
@@ -56,7 +58,9 @@ def main() -> int:
                 run()
             except Exception as exc:  # the falsifying example is printed by hypothesis
                 ok = False
-                print(f"FAILED: {type(exc).__name__}: {exc}")
+                print(f"FAILED: {type(exc).__name__}")
+                for line in dict.fromkeys(failures):
+                    print("  ", line)
             stats["accepted"] = len(sim.exchange.accepted) - 1
         finally:
             relay.stop()

@@ -13,11 +13,13 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.testing.exchange import ExchangeLimits
 from relay.testing.harness import RelayThread, relay_config, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from tests.conftest import RelayFactory
@@ -200,16 +202,24 @@ def header_blocks(draw: st.DrawFn) -> bytes:
     return block + b"\r\n"
 
 
+def start_fuzz_target(tmp: Path) -> tuple[RelayThread, SimulatedM365]:
+    """One simulator and one relay for many examples; no pacing (Exchange's 30 a minute would make
+    the 31st accepted message wait a minute), one message opened first so descriptors can be counted."""
+    limits = ExchangeLimits(messages_per_minute=10**6, recipients_per_day=10**9, concurrent_sessions=50)
+    sim = SimulatedM365.standard(tmp / "m365", limits=limits).start()
+    (tmp / "relay").mkdir(parents=True, exist_ok=True)
+    relay = RelayThread.from_dict(relay_config(sim, tmp / "relay", overrides={
+        "delivery": {"per_mailbox": {"connections": 3, "per_minute": 0}},
+        "observability": {"log_format": "json", "log_level": "error"},
+    })).start()
+    send_one_fuzzed(relay, sim, f"From: {STANDARD_MAILBOX}\r\n".encode(), count_fds=False)
+    return relay, sim
+
+
 @pytest.fixture(scope="module")
 def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RelayThread, SimulatedM365]]:
-    tmp = tmp_path_factory.mktemp("content-fuzz")
-    sim = SimulatedM365.standard(tmp / "m365").start()
-    workdir = tmp / "relay"
-    workdir.mkdir()
-    relay = RelayThread.from_dict(relay_config(sim, workdir)).start()
+    relay, sim = start_fuzz_target(tmp_path_factory.mktemp("content-fuzz"))
     try:
-        # Open what stays open (spool database, an upstream session) before counting descriptors.
-        send_one_fuzzed(relay, sim, f"From: {STANDARD_MAILBOX}\r\n".encode(), count_fds=False)
         yield relay, sim
     finally:
         relay.stop()
