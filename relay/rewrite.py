@@ -91,14 +91,8 @@ def display_part(value: str) -> str:
     return ""
 
 
-def new_from_value(original: str, mailbox: str) -> str:
-    """The rewritten From value: the first address's display name as written, then ``<mailbox>``.
-
-    Post-condition checked: the result parses to exactly ``mailbox`` and nothing else (a display name
-    that would smuggle a second address in is re-quoted, or dropped as a last resort).
-    """
-    if len(original) > MAX_ADDRESS_FIELD or has_control_characters(original):
-        return f"<{mailbox}>"
+def _display_candidates(original: str, mailbox: str) -> list[str]:
+    """``display <mailbox>`` forms to try, best first: the display name as written, then re-quoted."""
     candidates: list[str] = []
     pairs = email.utils.getaddresses([original])
     if len(pairs) == 1:
@@ -109,6 +103,21 @@ def new_from_value(original: str, mailbox: str) -> str:
     if name:
         quoted = name.replace("\\", "\\\\").replace('"', '\\"')
         candidates.append(f'"{quoted}" <{mailbox}>')
+    return candidates
+
+
+def new_from_value(original: str, mailbox: str) -> str:
+    """The rewritten From value: the first address's display name as written, then ``<mailbox>``.
+
+    Post-condition checked: the result parses to exactly ``mailbox`` and nothing else (a display name
+    that would smuggle a second address in is re-quoted, or dropped as a last resort).
+    """
+    if len(original) > MAX_ADDRESS_FIELD or has_control_characters(original):
+        return f"<{mailbox}>"
+    try:
+        candidates = _display_candidates(original, mailbox)
+    except Exception:  # the legacy parser recurses on nested comments: keep no display name
+        return f"<{mailbox}>"
     for candidate in candidates:
         if from_addresses(b"From: " + candidate.encode("utf-8", "surrogateescape")) == (mailbox.lower(),):
             return candidate

@@ -202,3 +202,14 @@ def test_from_with_space_before_colon_is_judged_as_from(name: bytes) -> None:
     prepared = prepare_headers(block, lambda h: rewriting.header_from(PRINCIPAL, ROUTE, h))
     assert not isinstance(prepared, Refusal) and prepared.rewritten
     assert prepared.block.startswith(f"From: CEO <{MAILBOX}>\r\n".encode()), prepared.block
+
+
+def test_nested_comments_are_rewritten_not_an_internal_error() -> None:
+    """The legacy address parser recurses per nesting level (RecursionError): the From is rewritten to
+    the mailbox without a display name instead of the message failing with 451."""
+    p = policy("when-not-allowed")
+    sink = Sink()
+    header = b"From: " + b"(" * 600 + b"x" + b")" * 300 + b" <ceo@contoso.com>\r\n"
+    outcome, rest, _ = run(message(header), lambda h: p.header_from(PRINCIPAL, ROUTE, h), sink)
+    assert (outcome, rest) == (None, NEXT)
+    assert bytes(sink.data).startswith(f"From: <{MAILBOX}>\r\n".encode())
