@@ -364,7 +364,8 @@ async def take_message(reader: asyncio.StreamReader, receiver: DataReceiver, acc
         receiver.body.abort()
         return SPOOL_FULL
     except asyncio.CancelledError:
-        receiver.body.abort()
+        # The client left while the message was being stored: the spool's committer owns the body
+        # now (a message stored for nobody is delivered anyway), so it is not aborted here.
         raise
     except Exception as exc:  # the one-reply invariant (module doc)
         receiver.body.abort()
