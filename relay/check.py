@@ -472,6 +472,7 @@ def run_check(args: argparse.Namespace) -> int:
         checks.add("configuration file permissions", False, warning,
                    "chmod 600 the file, or move the secret to a *_file or ${ENV} reference.", kind="config")
     if offline:
+        _check_listener_tls(settings, str(args.config), checks)
         _check_spool(settings, checks)
         if unread:
             _note(f"not read here: {', '.join(unread)}; the service has the variable (systemd sets "
@@ -492,6 +493,20 @@ def _config_hint(exc: ConfigError) -> str:
     if not exc.key:
         return ""
     return "Fix the key(s) named above; `oauth-smtp-relay example-config` prints an example with every key explained."
+
+
+def _check_listener_tls(settings: Settings, file: str, checks: Checklist) -> None:
+    """The listeners' certificate and key load (serve would stop at start otherwise)."""
+    if settings.tls is None:
+        return
+    from relay.service import listener_tls
+
+    try:
+        listener_tls(settings, file)
+    except ConfigError as exc:
+        checks.add("listener TLS certificate", False, str(exc), "", kind="config")
+        return
+    checks.add("listener TLS certificate", True, f"{settings.tls.cert_file} loads with its key", kind="config")
 
 
 def _check_spool(settings: Settings, checks: Checklist) -> None:

@@ -107,6 +107,9 @@ def cmd_health(args: argparse.Namespace) -> int:
             print("observability.http is not set in the config: no health endpoint to ask", file=sys.stderr)
             return 2
         url = f"http://{settings.observability.http}/readyz"
+    if not url.startswith(("http://", "https://")):
+        print(f"not an http:// URL: {url!r} (e.g. http://127.0.0.1:9465/readyz)", file=sys.stderr)
+        return 2
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as resp:  # noqa: S310 - our own endpoint
             body = resp.read().decode()
@@ -115,8 +118,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as exc:
         print(exc.read().decode(errors="replace"))
         return 1
-    except OSError as exc:
-        print(f"cannot reach {url}: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"cannot reach {url}: {getattr(exc, 'reason', None) or exc}", file=sys.stderr)
         return 1
 
 

@@ -55,7 +55,12 @@ def run_demo(*, keep_running: bool = False, messages: int = 3, workdir: Path | N
     if workdir is None:
         # Kept after the demo, so the delivered files it points at can be opened.
         workdir = Path(tempfile.mkdtemp(prefix="oauth-smtp-relay-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"demo: cannot create {workdir}: {(exc.strerror or str(exc)).lower()}; give --workdir a folder you "
+              "may write", file=sys.stderr)
+        return 1
     setup_logging("text", "info", stream=sys.stderr)
     logging.getLogger("relay.listener").setLevel(logging.WARNING)
 

@@ -28,7 +28,7 @@ from relay.config import Settings, load_settings, load_warnings, parse_host_port
 from relay.delivery import Delivery
 from relay.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
 from relay.envelope import Envelope, Route
-from relay.errors import ListenError, SpoolError, SpoolFull, TokenError
+from relay.errors import ConfigError, ListenError, SpoolError, SpoolFull, TokenError
 from relay.graph import GraphSender
 from relay.listener import (
     AuthLimiter,
@@ -60,6 +60,21 @@ def _bind_problem(exc: OSError) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"{reason} (no interface of this host has that address)"
     return reason
+
+
+def listener_tls(settings: Settings, config_file: str) -> ssl.SSLContext | None:
+    """The listeners' TLS context, or None without ``tls:``. A certificate or key that cannot be
+    loaded is a configuration error naming the key (not a traceback at start)."""
+    if settings.tls is None:
+        return None
+    cert, key = settings.tls.cert_file, settings.tls.key_file
+    try:
+        return make_server_tls_context(str(cert), str(key), settings.tls.min_version)
+    except (OSError, ssl.SSLError) as exc:
+        reason = (exc.reason if isinstance(exc, ssl.SSLError) else None) or exc.strerror or str(exc)
+        raise ConfigError(config_file, "tls.cert_file",
+                          f"cannot load the certificate {cert} with the key {key}: {reason}; both must be PEM "
+                          "files readable by the relay's user, and the key must belong to the certificate") from None
 
 
 def sd_notify(message: str) -> bool:
@@ -278,10 +293,11 @@ class Relay:
         log.info("spool opened", extra={"event": "spool_opened", "path": str(self.settings.spool.path),
                                         "recovery": str(report)})
         self._scheduler = asyncio.get_running_loop().create_task(self.delivery.run(), name="scheduler")
-        tls = None
-        if self.settings.tls is not None:
-            tls = make_server_tls_context(str(self.settings.tls.cert_file), str(self.settings.tls.key_file),
-                                          self.settings.tls.min_version)
+        try:
+            tls = listener_tls(self.settings, self.config_path or "<config>")
+        except ConfigError:
+            await self.stop(grace=0)
+            raise
         for listen in self.settings.listen:
             try:
                 server = await start_listener(listen, self.listener_state, tls)

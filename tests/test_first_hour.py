@@ -446,3 +446,30 @@ def test_check_offline_says_send_to_is_ignored(tmp_path: Path) -> None:
     assert "note: --send-to is ignored with --offline: no test message was sent" in proc.stderr
     quiet = run("check", "--offline", "-c", str(cfg))
     assert quiet.returncode == 0 and "--send-to" not in quiet.stderr
+
+
+# --------------------------------------------------------------------------- other ordinary conditions
+
+def test_a_listener_certificate_that_does_not_load_is_a_config_error(tmp_path: Path) -> None:
+    text = config_text(tmp_path / "spool").replace("listen: [{address: '127.0.0.1:0'}]",
+                                                    "listen: [{address: '127.0.0.1:0', tls: starttls}]")
+    tls = f"tls: {{cert_file: {tmp_path}/cert.pem, key_file: {tmp_path}/key.pem}}\n"
+    cfg = write(tmp_path / "config.yaml", text + tls)
+    expected = (f"tls.cert_file: cannot load the certificate {tmp_path}/cert.pem with the key {tmp_path}/key.pem: "
+                "No such file or directory")
+    check = run("check", "--offline", "-c", str(cfg))
+    assert check.returncode == 1 and f"[FAIL] listener TLS certificate: {cfg}: {expected}" in check.stdout
+    serve = run("serve", "-c", str(cfg))
+    assert serve.returncode == 2 and f"configuration error: {cfg}: {expected}" in serve.stderr
+    no_traceback(serve)
+
+
+def test_health_with_a_wrong_url_and_demo_with_an_unusable_workdir(tmp_path: Path) -> None:
+    health = run("health", "--url", "127.0.0.1:9465/readyz")
+    assert health.returncode == 2 and "not an http:// URL: '127.0.0.1:9465/readyz'" in health.stderr
+    (tmp_path / "file").write_text("")
+    demo = run("demo", "--workdir", str(tmp_path / "file" / "demo"))
+    assert demo.returncode == 1
+    assert f"demo: cannot create {tmp_path / 'file' / 'demo'}: not a directory" in demo.stderr
+    for proc in (health, demo):
+        no_traceback(proc)
