@@ -328,8 +328,12 @@ def test_example_config_command_prints_the_shipped_example() -> None:
 def test_the_wheel_ships_the_example_and_the_licence_and_builds_without_warnings(tmp_path: Path) -> None:
     setuptools = pytest.importorskip("setuptools")
     assert int(setuptools.__version__.split(".")[0]) >= 77, setuptools.__version__
+    # From a copy: an in-tree build would leave build/ behind, and ship whatever an older one left there.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "tests", "bench"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
-                            "--no-index", "-w", str(tmp_path), str(ROOT)],
+                            "--no-index", "-w", str(tmp_path), str(src)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert "Warning" not in build.stdout + build.stderr, [
