@@ -33,6 +33,7 @@ from relay.errors import ConfigError, TokenError
 from relay.exchange_setup import admin_consent_url
 from relay.graph import check_graph_claims
 from relay.hints import STEPS, TLS_VERIFY_HINT, fill_placeholders, hint_for_aadsts, parse_aadsts
+from relay.spool import running_user, writable_problem
 from relay.tokens import Token, TokenProvider, build_http_session
 from relay.upstream import tls_context_for
 
@@ -453,11 +454,15 @@ async def check_online(settings: Settings, checks: Checklist, send_to: str | Non
 def run_check(args: argparse.Namespace) -> int:
     """Exit 0 when every step passes, 1 when one fails, 2 when the configuration itself is invalid."""
     checks = Checklist()
+    offline = bool(getattr(args, "offline", False))
+    # Offline, from an admin's shell: ${CREDENTIALS_DIRECTORY} exists only inside the service, so a
+    # credential behind it is left unread (and said so) rather than refused; the unit's ExecStartPre
+    # has the variable and reads it.
+    unread: list[str] | None = [] if offline else None
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config, unread_credentials=unread)
     except ConfigError as exc:
-        checks.add("configuration", False, str(exc),
-                   "Fix the key named above; config.example.yaml explains each.", kind="config")
+        checks.add("configuration", False, str(exc), _config_hint(exc), kind="config")
         _output(args, checks)
         return 2
     summary = f"{len(settings.apps)} app(s), {len(settings.mailboxes)} mailbox(es), {len(settings.users)} user(s)"
@@ -466,10 +471,60 @@ def run_check(args: argparse.Namespace) -> int:
         # An inline secret in a file others can read is a leak waiting to happen: fail the check.
         checks.add("configuration file permissions", False, warning,
                    "chmod 600 the file, or move the secret to a *_file or ${ENV} reference.", kind="config")
-    if not getattr(args, "offline", False):
+    if offline:
+        _check_listener_tls(settings, str(args.config), checks)
+        _check_spool(settings, checks)
+        if unread:
+            _note(f"not read here: {', '.join(unread)}; the service has the variable (systemd sets "
+                  "CREDENTIALS_DIRECTORY for it), and the online check run as in docs/systemd.md reads it")
+        if getattr(args, "send_to", None):
+            _note("--send-to is ignored with --offline: no test message was sent (run check without --offline "
+                  "to send one)")
+    else:
         asyncio.run(check_online(settings, checks, getattr(args, "send_to", None)))
     _output(args, checks)
     return 0 if checks.ok else 1
+
+
+def _config_hint(exc: ConfigError) -> str:
+    if exc.problem.startswith("not valid YAML"):
+        return ("The file is not valid YAML at the line shown: check its indentation, and quote values that"
+                " start with ':', '*', '&', '[' or '{' or contain ': ' (e.g. \"::1\").")
+    if not exc.key:
+        return ""
+    return "Fix the key(s) named above; `oauth-smtp-relay example-config` prints an example with every key explained."
+
+
+def _check_listener_tls(settings: Settings, file: str, checks: Checklist) -> None:
+    """The listeners' certificate and key load (serve would stop at start otherwise)."""
+    if settings.tls is None:
+        return
+    from relay.service import listener_tls
+
+    try:
+        listener_tls(settings, file)
+    except ConfigError as exc:
+        checks.add("listener TLS certificate", False, str(exc), "", kind="config")
+        return
+    checks.add("listener TLS certificate", True, f"{settings.tls.cert_file} loads with its key", kind="config")
+
+
+def _check_spool(settings: Settings, checks: Checklist) -> None:
+    """The relay's user must be able to write the spool: a bad spool fails here, before the start."""
+    path = settings.spool.path
+    problem = writable_problem(path)
+    if problem is None:
+        checks.add(f"spool {path}", True, f"writable by user {running_user()}", kind="spool")
+    else:
+        checks.add(f"spool {path}", False, problem,
+                   "Give the spool to the user the relay runs as (chown -R), or set spool.path to a directory it"
+                   " may write; under systemd use /var/lib/oauth-smtp-relay/spool (StateDirectory=, see"
+                   " docs/systemd.md).", kind="spool")
+
+
+def _note(text: str) -> None:
+    """Something the admin should know that is neither a pass nor a failure (stderr: --json stays clean)."""
+    print(f"note: {text}", file=sys.stderr)
 
 
 def _output(args: argparse.Namespace, checks: Checklist) -> None:

@@ -1,7 +1,9 @@
-"""Console entry: ``oauth-smtp-relay serve | check | exchange-setup | demo | queue ... | hash-password | health``.
+"""Console entry: ``oauth-smtp-relay serve | check | exchange-setup | demo | queue ... | hash-password | health |
+example-config``.
 
 Exit codes: 0 success, 1 a check or command failed, 2 the configuration (or the command line) is
-wrong. Config errors print ``file: key: problem`` on stderr, never a traceback.
+wrong, or a listen address cannot be used. Config errors print ``file: key: problem`` on stderr.
+No ordinary condition (a config error, a port in use, a closed pipe, no terminal) prints a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +20,11 @@ from typing import Any
 
 from relay import __version__
 from relay.config import Settings, load_settings
-from relay.errors import ConfigError, SpoolError
+from relay.errors import ConfigError, ListenError, SpoolError
 
 DEFAULT_CONFIG = "/etc/oauth-smtp-relay/config.yaml"
+#: what config errors point to for an example of every key
+EXAMPLE_HINT = "`oauth-smtp-relay example-config` prints an example with every key explained"
 
 
 def _load(path: str) -> Settings:
@@ -61,6 +66,11 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+    elif not sys.stdin.isatty():
+        print("hash-password: standard input is not a terminal, so the password cannot be asked for; to read it "
+              "from a pipe add --password-stdin, e.g.\n"
+              "  printf '%s\\n' \"$PASSWORD\" | oauth-smtp-relay hash-password --password-stdin", file=sys.stderr)
+        return 2
     else:
         password = getpass.getpass("Password: ")
         if password != getpass.getpass("Again: "):
@@ -70,6 +80,13 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         print("empty password refused", file=sys.stderr)
         return 1
     print(hash_password(password))
+    return 0
+
+
+def cmd_example_config(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    sys.stdout.write(files("relay").joinpath("config.example.yaml").read_text(encoding="utf-8"))
     return 0
 
 
@@ -85,11 +102,14 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     url = args.url
     if url is None:
-        settings = _load(args.config)
+        settings = load_settings(args.config, read_secrets=False)  # asks an HTTP endpoint: no credential needed
         if not settings.observability.http:
             print("observability.http is not set in the config: no health endpoint to ask", file=sys.stderr)
             return 2
         url = f"http://{settings.observability.http}/readyz"
+    if not url.startswith(("http://", "https://")):
+        print(f"not an http:// URL: {url!r} (e.g. http://127.0.0.1:9465/readyz)", file=sys.stderr)
+        return 2
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as resp:  # noqa: S310 - our own endpoint
             body = resp.read().decode()
@@ -98,8 +118,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as exc:
         print(exc.read().decode(errors="replace"))
         return 1
-    except OSError as exc:
-        print(f"cannot reach {url}: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"cannot reach {url}: {getattr(exc, 'reason', None) or exc}", file=sys.stderr)
         return 1
 
 
@@ -141,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=None, help="where to keep the demo's files")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("example-config", help="print an example config.yaml with every key explained")
+    p.set_defaults(func=cmd_example_config)
+
     p = sub.add_parser("hash-password", help="hash a local user's password for users[].password_hash")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     p.set_defaults(func=cmd_hash_password)
@@ -156,17 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spool", type=Path, help="spool directory (default: spool.path from the config)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     qsub = p.add_subparsers(dest="queue_command", required=True)
-    qsub.add_parser("list", help="messages waiting or in flight")
-    qsub.add_parser("dead-letters", help="messages that could not be delivered")
-    qsub.add_parser("holds", help="apps and mailboxes the running relay holds for a configuration problem")
+
+    def verb(name: str, helptext: str) -> argparse.ArgumentParser:
+        q = qsub.add_parser(name, help=helptext)
+        # `queue list --json` as well as `queue --json list`: SUPPRESS keeps the verb's parser from
+        # resetting a --json given before the verb.
+        q.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        return q
+
+    verb("list", "messages waiting or in flight")
+    verb("dead-letters", "messages that could not be delivered")
+    verb("holds", "apps and mailboxes the running relay holds for a configuration problem")
     for name, helptext in (("show", "one message's envelope, state and history"),
                            ("hold", "keep a message from being delivered"),
                            ("release", "let a held message go again"),
                            ("delete", "remove a message (not one in flight)"),
                            ("requeue", "give a dead letter a new life")):
-        q = qsub.add_parser(name, help=helptext)
+        q = verb(name, helptext)
         q.add_argument("id")
-    q = qsub.add_parser("retry", help="make a message (or all) due now")
+    q = verb("retry", "make a message (or all) due now")
     q.add_argument("id", nargs="?")
     q.add_argument("--all", action="store_true")
     p.set_defaults(func=cmd_queue)
@@ -178,12 +209,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result: Any = args.func(args)
-        return int(result)
+        code = int(result)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        if exc.key:
+            print(f"({EXAMPLE_HINT})", file=sys.stderr)
+        return 2
+    except ListenError as exc:
+        print(str(exc), file=sys.stderr)
         return 2
     except SpoolError as exc:
         print(f"spool error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `oauth-smtp-relay queue list | head`: the reader has gone, which is not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a tool killed by the closed pipe would return
+    except EOFError:
+        print("standard input ended before the answer was read", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

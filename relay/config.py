@@ -77,6 +77,8 @@ def parse_size(value: Any) -> int:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
+#: The nil GUID of documentation examples: never a real tenant or app, refused with a precise message.
+_NIL_GUID = "00000000-0000-0000-0000-000000000000"
 _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 _ADDRESS_RE = re.compile(r"^[^@\s<>\x00]+@[^@\s<>\x00]+$")
@@ -303,6 +305,9 @@ class AppSettings(_Model):
     @field_validator("tenant_id")
     @classmethod
     def _check_tenant(cls, v: str) -> str:
+        if v == _NIL_GUID:
+            raise ValueError(f"{v} is the all-zero example value, not a tenant: put the Directory (tenant) ID "
+                             "from the app registration's Overview page")
         if not (_GUID_RE.match(v) or _DOMAIN_RE.match(v)):
             raise ValueError(
                 "expected the Directory (tenant) ID GUID from the app registration's Overview page "
@@ -313,6 +318,9 @@ class AppSettings(_Model):
     @field_validator("client_id")
     @classmethod
     def _check_client(cls, v: str) -> str:
+        if v == _NIL_GUID:
+            raise ValueError(f"{v} is the all-zero example value, not an app: put the Application (client) ID "
+                             "from the app registration's Overview page")
         if not _GUID_RE.match(v):
             raise ValueError("expected the Application (client) ID GUID from the app registration's Overview page")
         return v
@@ -638,6 +646,9 @@ _PLACEHOLDER_RE = re.compile(r"<[A-Z][A-Z0-9_ -]*>")
 #: keys whose value is a secret; each has a ``<key>_file`` twin read at load time.
 _SECRET_FILE_KEYS = {"client_secret_file": "client_secret", "pfx_password_file": "pfx_password"}
 _INLINE_SECRET_KEYS = {"client_secret", "pfx_password"}
+#: keys that hold an app's credential or point at it: only token requests need them.
+_CREDENTIAL_KEYS = {*_SECRET_FILE_KEYS, *_INLINE_SECRET_KEYS, "private_key_file", "certificate_file", "pfx_file",
+                    "federated_token_file"}
 
 
 def _key_path(loc: tuple[str | int, ...]) -> str:
@@ -650,42 +661,79 @@ def _key_path(loc: tuple[str | int, ...]) -> str:
     return out
 
 
-def _resolve(node: Any, path: tuple[str | int, ...], file: str, base: Path, env: Mapping[str, str],
-             inline_secrets: list[str], read_secrets: bool = True) -> Any:
-    """Expand ``${ENV}``, refuse example placeholders, read ``*_file`` secrets."""
-    if isinstance(node, dict):
+class _Resolver:
+    """Expand ``${ENV}``, collect example placeholders, read ``*_file`` secrets.
+
+    ``read_secrets=False`` (commands that need no credential: queue, health, exchange-setup): no
+    secret file is read, and a credential key whose ``${VAR}`` is unset (``${CREDENTIALS_DIRECTORY}``
+    outside the service) keeps its text. ``lenient_credentials`` does the latter while still reading
+    every secret it can (``check --offline`` from an admin's shell); the keys left unread are listed
+    in ``unread``.
+    """
+
+    def __init__(self, file: str, base: Path, env: Mapping[str, str], *, read_secrets: bool,
+                 lenient_credentials: bool) -> None:
+        self.file = file
+        self.base = base
+        self.env = env
+        self.read_secrets = read_secrets
+        self.lenient = lenient_credentials or not read_secrets
+        self.inline_secrets: list[str] = []
+        self.placeholders: list[tuple[str, str]] = []
+        self.unread: list[str] = []
+        self._unread_paths: set[tuple[str | int, ...]] = set()
+        #: secret files to read once the whole file is known to hold no placeholder
+        self._pending: list[tuple[dict[str, Any], str, Any, tuple[str | int, ...]]] = []
+
+    def read_secret_files(self) -> None:
+        for out, secret_key, secret_file, path in self._pending:
+            out[secret_key] = _read_secret_file(secret_file, path, self.file, self.base)
+
+    def resolve(self, node: Any, path: tuple[str | int, ...] = ()) -> Any:
+        if isinstance(node, dict):
+            return self._mapping(node, path)
+        if isinstance(node, list):
+            return [self.resolve(v, (*path, i)) for i, v in enumerate(node)]
+        if isinstance(node, str):
+            return self._string(node, path)
+        return node
+
+    def _mapping(self, node: dict[Any, Any], path: tuple[str | int, ...]) -> dict[str, Any]:
+        file = self.file
         out: dict[str, Any] = {}
         for key, value in node.items():
             if not isinstance(key, str):
                 raise ConfigError(file, _key_path((*path, str(key))), "keys must be strings")
-            out[key] = _resolve(value, (*path, key), file, base, env, inline_secrets, read_secrets)
+            out[key] = self.resolve(value, (*path, key))
         for file_key, secret_key in _SECRET_FILE_KEYS.items():
             if file_key in out:
                 if secret_key in out:
                     raise ConfigError(file, _key_path((*path, file_key)),
                                       f"give either {secret_key} or {file_key}, not both")
                 secret_file = out.pop(file_key)
-                out[secret_key] = (_read_secret_file(secret_file, (*path, file_key), file, base) if read_secrets
-                                   else "not-read")
+                out[secret_key] = "not-read"
+                if self.read_secrets and (*path, file_key) not in self._unread_paths:
+                    self._pending.append((out, secret_key, secret_file, (*path, file_key)))
             elif isinstance(out.get(secret_key), str) and secret_key in node and "${" not in str(node[secret_key]):
-                inline_secrets.append(_key_path((*path, secret_key)))
+                self.inline_secrets.append(_key_path((*path, secret_key)))
         return out
-    if isinstance(node, list):
-        return [_resolve(v, (*path, i), file, base, env, inline_secrets, read_secrets) for i, v in enumerate(node)]
-    if isinstance(node, str):
+
+    def _string(self, node: str, path: tuple[str | int, ...]) -> str:
         def substitute(m: re.Match[str]) -> str:
             name = m.group(1)
-            if name not in env:
-                raise ConfigError(file, _key_path(path),
-                                  f"environment variable {name} is not set (referenced as ${{{name}}})")
-            return env[name]
+            if name in self.env:
+                return self.env[name]
+            if self.lenient and path and path[-1] in _CREDENTIAL_KEYS:
+                self._unread_paths.add(path)
+                self.unread.append(f"{_key_path(path)} (${{{name}}} is not set)")
+                return m.group(0)
+            raise ConfigError(self.file, _key_path(path),
+                              f"environment variable {name} is not set (referenced as ${{{name}}})")
 
         value = _ENV_RE.sub(substitute, node)
         if _PLACEHOLDER_RE.search(value):
-            raise ConfigError(file, _key_path(path),
-                              f"{value!r} is a placeholder from the example config: put the real value here")
+            self.placeholders.append((_key_path(path), value))
         return value
-    return node
 
 
 def _read_secret_file(value: Any, path: tuple[str | int, ...], file: str, base: Path) -> str:
@@ -747,8 +795,12 @@ def _suggest(loc: tuple[str | int, ...], raw: Any) -> str:
 
 
 def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
-                  read_secrets: bool = True) -> Settings:
-    """Read, resolve and validate a config file. Raises ConfigError naming file and key."""
+                  read_secrets: bool = True, unread_credentials: list[str] | None = None) -> Settings:
+    """Read, resolve and validate a config file. Raises ConfigError naming file and key.
+
+    ``read_secrets=False``: for commands that use no credential (see :class:`_Resolver`). A list
+    passed as ``unread_credentials`` makes a credential key with an unset ``${VAR}`` no error: it is
+    left unread and named in the list."""
     file = str(path)
     env = os.environ if env is None else env
     try:
@@ -759,7 +811,7 @@ def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = 
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         raise ConfigError(file, "", f"not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
     if raw is None:
         raw = {}
@@ -767,14 +819,25 @@ def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = 
         raise ConfigError(file, "", "expected a mapping of sections (listen, apps, mailboxes, ...)")
     base = Path(path).resolve().parent
     load_warnings.clear()  # warnings are about the file just loaded
-    inline_secrets: list[str] = []
-    # read_secrets=False: commands that need no credential (exchange-setup) work on an admin's
-    # machine that does not hold the secret files.
-    resolved = _resolve(raw, (), file, base, env, inline_secrets, read_secrets)
+    # read_secrets=False: commands that need no credential (exchange-setup, queue, health) work on an
+    # admin's machine, or from a root shell, without the secret files and without CREDENTIALS_DIRECTORY.
+    resolver = _Resolver(file, base, env, read_secrets=read_secrets,
+                         lenient_credentials=unread_credentials is not None)
+    resolved = resolver.resolve(raw)
+    if resolver.placeholders:
+        # All of them at once: the admin edits the file once, not once per placeholder.
+        lines = [f"{value!r} is a placeholder from the example config: put the real value here"
+                 for _, value in resolver.placeholders]
+        problem = lines[0] + "".join(f"\n{file}: {key}: {line}"
+                                     for (key, _), line in zip(resolver.placeholders[1:], lines[1:], strict=True))
+        raise ConfigError(file, resolver.placeholders[0][0], problem)
+    resolver.read_secret_files()
+    if unread_credentials is not None:
+        unread_credentials.extend(resolver.unread)
     _relative_paths(resolved, base)
     settings = settings_from_dict(resolved, file)
-    if inline_secrets:
-        _warn_if_readable(Path(path), inline_secrets)
+    if resolver.inline_secrets:
+        _warn_if_readable(Path(path), resolver.inline_secrets)
     return settings
 
 
@@ -801,11 +864,40 @@ def settings_from_dict(data: Mapping[str, Any], file: str = "<config>") -> Setti
     except _KeyedError as exc:
         raise ConfigError(file, exc.key, exc.problem) from None
     except ValidationError as exc:
-        problems = [_describe(err, data) for err in exc.errors()]
+        errors = exc.errors()
+        # An entry that failed also makes its list look empty or its section invalid ("Tuple should
+        # have at least 1 item"): that echo of the real problem is dropped, the real problem stays.
+        locs = [tuple(err["loc"]) for err in errors]
+        errors = [err for err, loc in zip(errors, locs, strict=True)
+                  if not any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs)]
+        problems = list(dict.fromkeys(_describe(err, data) for err in errors))
         key, problem = problems[0]
-        for other_key, other_problem in problems[1:5]:
+        for other_key, other_problem in problems[1:_MAX_PROBLEMS]:
             problem += f"\n{file}: {other_key}: {other_problem}"
+        if len(problems) > _MAX_PROBLEMS:
+            problem += f"\n{file}: ... and {len(problems) - _MAX_PROBLEMS} more problem(s)"
         raise ConfigError(file, key, problem) from None
+
+
+_MAX_PROBLEMS = 10
+
+#: pydantic's wording -> the admin's, by error type (the rest keep their message, minus "Value error, ").
+_PLAIN_PROBLEMS = {
+    "string_type": "expected text",
+    "int_type": "expected a whole number",
+    "int_parsing": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "tuple_type": "expected a list, e.g. [a, b] or one '- item' per line",
+    "list_type": "expected a list, e.g. [a, b] or one '- item' per line",
+    "dict_type": "expected a mapping of keys (key: value), not a single value",
+    "model_type": "expected a mapping of keys (key: value), not a single value",
+    "model_attributes_type": "expected a mapping of keys (key: value), not a single value",
+    "path_type": "expected a file or directory path",
+}
 
 
 def _describe(err: Any, data: Mapping[str, Any]) -> tuple[str, str]:
@@ -819,4 +911,19 @@ def _describe(err: Any, data: Mapping[str, Any]) -> tuple[str, str]:
         return key, "unknown key" + _suggest(loc, data)
     if err["type"] == "missing":
         return key, "required key is missing"
-    return key, str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] in _PLAIN_PROBLEMS:
+        return key, _PLAIN_PROBLEMS[err["type"]]
+    ctx = err.get("ctx") or {}
+    if err["type"] == "too_short":
+        n = ctx.get("min_length", 1)
+        return key, f"needs at least {n} {'entry' if n == 1 else 'entries'}"
+    bounds = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than"),
+              "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
+    if err["type"] in bounds and bounds[err["type"]][0] in ctx:
+        name, words = bounds[err["type"]]
+        return key, f"expected a number {words} {ctx[name]}"
+    if err["type"] in ("enum", "literal_error") and "expected" in ctx:
+        return key, f"expected one of {ctx['expected']}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return key, msg.replace("Input should be", "expected").replace("input should be", "expected")
+

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import smtplib
+import socket
 import sys
 import tempfile
 import threading
@@ -35,16 +37,17 @@ def _message(sender: str, to: str, subject: str, body: str) -> EmailMessage:
     return msg
 
 
-def _pick_port() -> int:
-    """2525 as documented if it is free, else any free port."""
+def _pick_port() -> tuple[int, str]:
+    """2525 as documented if it is free, else any free port and why 2525 was not used."""
     try:
-        import socket
-
         with socket.socket() as s:
+            # as the relay's listener does: a connection of an earlier run in TIME_WAIT is no obstacle
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", 2525))
-        return 2525
-    except OSError:
-        return free_port()
+        return 2525, ""
+    except OSError as exc:
+        reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        return free_port(), f"127.0.0.1:2525 is not free ({reason}: another relay or demo may run there)"
 
 
 def run_demo(*, keep_running: bool = False, messages: int = 3, workdir: Path | None = None) -> int:
@@ -52,7 +55,12 @@ def run_demo(*, keep_running: bool = False, messages: int = 3, workdir: Path | N
     if workdir is None:
         # Kept after the demo, so the delivered files it points at can be opened.
         workdir = Path(tempfile.mkdtemp(prefix="oauth-smtp-relay-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"demo: cannot create {workdir}: {(exc.strerror or str(exc)).lower()}; give --workdir a folder you "
+              "may write", file=sys.stderr)
+        return 1
     setup_logging("text", "info", stream=sys.stderr)
     logging.getLogger("relay.listener").setLevel(logging.WARNING)
 
@@ -61,11 +69,15 @@ def run_demo(*, keep_running: bool = False, messages: int = 3, workdir: Path | N
     print(f"simulated Entra ID token endpoint : {sim.authority_host}", file=out)
     print(f"simulated Exchange Online SMTP    : {sim.smtp_host}:{sim.smtp_port} (STARTTLS, AUTH XOAUTH2)",
           file=out)
-    port = _pick_port()
+    port, why_not_2525 = _pick_port()
     settings = settings_from_dict(relay_config(sim, workdir, port=port), "demo")
     relay = RelayThread(settings).start()
     print(f"relay listening on                : 127.0.0.1:{relay.port}  (user {DEMO_USER!r}, "
-          f"password {DEMO_PASSWORD!r}, or no AUTH from 127.0.0.1)\n", file=out)
+          f"password {DEMO_PASSWORD!r}, or no AUTH from 127.0.0.1)", file=out)
+    if why_not_2525:
+        print(f"    not on 127.0.0.1:2525: {why_not_2525}", file=out)
+    print(f"relay spool                       : {settings.spool.path}\n"
+          f"    (see its queue with: oauth-smtp-relay queue --spool {settings.spool.path} list)\n", file=out)
     ok = True
     try:
         sends = [

@@ -21,6 +21,20 @@ class ConfigError(RelayError):
         super().__init__(f"{file}: {key}: {problem}" if key else f"{file}: {problem}")
 
 
+class ListenError(RelayError):
+    """A socket to listen on could not be opened (port in use, address not on this host, no permission).
+
+    The message is the whole answer for the admin: ``cannot listen on 127.0.0.1:2525: address already
+    in use``; ``what`` names a socket other than an SMTP listener (the metrics endpoint)."""
+
+    def __init__(self, address: str, reason: str, what: str = "") -> None:
+        self.address = address
+        self.reason = reason
+        self.what = what
+        label = f" ({what})" if what else ""
+        super().__init__(f"cannot listen on {address}{label}: {reason}")
+
+
 class TokenError(RelayError):
     """Entra ID did not give us a token.
 

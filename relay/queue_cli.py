@@ -28,7 +28,7 @@ from typing import Any
 
 from relay.config import load_settings
 from relay.errors import SpoolError
-from relay.spool import Entry, Spool, State
+from relay.spool import Entry, Spool, State, os_error
 
 #: What each command needs the message to be in, for a helpful refusal.
 _NEEDS = {
@@ -41,10 +41,15 @@ _NEEDS = {
 
 
 def _spool(args: argparse.Namespace) -> Spool:
-    path: Path = args.spool if args.spool else load_settings(args.config).spool.path
+    # The spool path is all the queue needs from the config: no credential is read (or needed).
+    path: Path = args.spool if args.spool else load_settings(args.config, read_secrets=False).spool.path
     # Never create a spool: run as another user (root) that would leave a directory the daemon
     # cannot write to, and an empty new spool would only hide a wrong path.
-    if not (path / "spool.db").is_file():
+    try:
+        exists = (path / "spool.db").is_file()
+    except OSError as exc:
+        raise os_error(exc, "read the spool", path) from None
+    if not exists:
         raise SpoolError(f"no spool at {path} (wrong spool.path, or the relay has not run yet)")
     spool = Spool(path)
     spool.open(recover=False)

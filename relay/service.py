@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from relay.data import BodySink
 from relay.delivery import Delivery
 from relay.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
 from relay.envelope import Envelope, Route
-from relay.errors import SpoolError, SpoolFull, TokenError
+from relay.errors import ConfigError, ListenError, SpoolError, SpoolFull, TokenError
 from relay.graph import GraphSender
 from relay.listener import (
     AuthLimiter,
@@ -47,6 +48,33 @@ log = logging.getLogger("relay.service")
 #: A received body up to this size stays in memory for its immediate attempt (no read-back from the
 #: spool file); bigger ones are streamed from the file. Bounded: this times the connection limit.
 KEEP_IN_MEMORY = 64 * 1024
+
+
+def _bind_problem(exc: OSError) -> str:
+    """``address already in use`` and the like, with the fix where there is an obvious one."""
+    reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+    if exc.errno == errno.EADDRINUSE:
+        return f"{reason} (another process listens there: stop it, or choose another port)"
+    if exc.errno == errno.EACCES:
+        return f"{reason} (ports below 1024 need CAP_NET_BIND_SERVICE: see docs/systemd.md)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{reason} (no interface of this host has that address)"
+    return reason
+
+
+def listener_tls(settings: Settings, config_file: str) -> ssl.SSLContext | None:
+    """The listeners' TLS context, or None without ``tls:``. A certificate or key that cannot be
+    loaded is a configuration error naming the key (not a traceback at start)."""
+    if settings.tls is None:
+        return None
+    cert, key = settings.tls.cert_file, settings.tls.key_file
+    try:
+        return make_server_tls_context(str(cert), str(key), settings.tls.min_version)
+    except (OSError, ssl.SSLError) as exc:
+        reason = (exc.reason if isinstance(exc, ssl.SSLError) else None) or exc.strerror or str(exc)
+        raise ConfigError(config_file, "tls.cert_file",
+                          f"cannot load the certificate {cert} with the key {key}: {reason}; both must be PEM "
+                          "files readable by the relay's user, and the key must belong to the certificate") from None
 
 
 def sd_notify(message: str) -> bool:
@@ -268,12 +296,18 @@ class Relay:
         log.info("spool opened", extra={"event": "spool_opened", "path": str(self.settings.spool.path),
                                         "recovery": str(report)})
         self._scheduler = asyncio.get_running_loop().create_task(self.delivery.run(), name="scheduler")
-        tls = None
-        if self.settings.tls is not None:
-            tls = make_server_tls_context(str(self.settings.tls.cert_file), str(self.settings.tls.key_file),
-                                          self.settings.tls.min_version)
+        try:
+            tls = listener_tls(self.settings, self.config_path or "<config>")
+        except ConfigError:
+            await self.stop(grace=0)
+            raise
         for listen in self.settings.listen:
-            server = await start_listener(listen, self.listener_state, tls)
+            try:
+                server = await start_listener(listen, self.listener_state, tls)
+            except OSError as exc:
+                error = ListenError(listen.address, _bind_problem(exc))
+                await self._abort_start(error)
+                raise error from None
             self.servers.append(server)
             port = server.sockets[0].getsockname()[1]
             self.ports.append(port)
@@ -281,13 +315,24 @@ class Relay:
                                          "tls": str(listen.tls)})
         if self.settings.observability.http:
             host, port = parse_host_port(self.settings.observability.http, 9465)
-            self.health = HealthServer(host, port, self.metrics, self.readiness, self.refresh_gauges)
+            try:
+                self.health = HealthServer(host, port, self.metrics, self.readiness, self.refresh_gauges)
+            except OSError as exc:
+                error = ListenError(self.settings.observability.http, _bind_problem(exc),
+                                    "observability.http, the metrics and health endpoint")
+                await self._abort_start(error)
+                raise error from None
             self.health.start()
             log.info("health endpoint", extra={"event": "health_listening",
                                                "address": f"{host}:{self.health.port}"})
         sd_notify("READY=1\nSTATUS=accepting mail")
         self._watchdog = asyncio.get_running_loop().create_task(self._watchdog_loop(), name="watchdog")
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeeping_loop(), name="housekeeping")
+
+    async def _abort_start(self, error: ListenError) -> None:
+        """A listen socket could not be opened: undo what start() did (the spool lock above all)."""
+        log.error(str(error), extra={"event": "listen_failed", "address": error.address})
+        await self.stop(grace=0)
 
     async def _housekeeping_loop(self) -> None:
         """Close Exchange sessions idle longer than delivery.idle_close (QUIT, politely)."""

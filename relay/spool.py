@@ -37,6 +37,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import secrets
 import sqlite3
 import threading
@@ -178,21 +179,76 @@ class SpoolStats:
         return sum(self.counts.values())
 
 
-def _os_error(exc: OSError, what: str) -> SpoolError:
-    """Map an OSError to SpoolFull (no room / not writable) or SpoolError. No paths of bodies leak."""
+def running_user() -> str:
+    """The name of the user this process runs as (spool errors name it: the usual fix is an owner)."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a dynamic or container user without a passwd entry
+        return f"uid {uid}"
+
+
+def os_error(exc: OSError, what: str, path: Path | str | None = None) -> SpoolError:
+    """Map an OSError to SpoolFull (no room / not writable) or SpoolError.
+
+    ``spool: cannot open lock file /var/spool/x/spool.lock as user nobody: permission denied (EACCES)``:
+    the operation, the path and the user, so the fix (an owner, a mode, a mount) is obvious. The
+    text goes to logs and the CLI, never into an SMTP reply."""
     name = errno.errorcode.get(exc.errno or 0, "EIO")
-    text = f"spool: {what}: {name} {exc.strerror or ''}".rstrip()
+    where = exc.filename if exc.filename is not None else path
+    target = f" {os.fsdecode(where)}" if where is not None else ""
+    reason = (exc.strerror or name).lower()
+    text = f"spool: cannot {what}{target} as user {running_user()}: {reason} ({name})"
     if exc.errno in FULL_ERRNOS:
         return SpoolFull(text)
     return SpoolError(text)
 
 
-def _db_error(exc: sqlite3.Error, what: str) -> SpoolError:
+def _db_error(exc: sqlite3.Error, what: str, path: Path | None = None) -> SpoolError:
     code = getattr(exc, "sqlite_errorcode", None)
-    text = f"spool: {what}: database: {exc}"
+    text = (f"spool: cannot {what} {path} as user {running_user()}: database: {exc}" if path is not None
+            else f"spool: {what}: database: {exc}")
     if code is not None and (code & 0xFF) in _SQLITE_FULL_CODES:
         return SpoolFull(text)
     return SpoolError(text)
+
+
+def writable_problem(path: Path) -> str | None:
+    """Could a relay running as this user use (or create) the spool at ``path``? None if so, else why not.
+
+    For ``check --offline`` (the systemd unit's ExecStartPre): changes nothing, creates nothing."""
+    user = running_user()
+    path = Path(path)
+
+    def denied(target: Path) -> str:
+        try:
+            readonly = bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+        except OSError:
+            readonly = False
+        return "read-only file system (EROFS)" if readonly else "permission denied (EACCES)"
+
+    def may_write(target: Path) -> bool:
+        mode = os.W_OK | (os.X_OK if target.is_dir() else 0)
+        if os.access in os.supports_effective_ids:
+            return os.access(target, mode, effective_ids=True)
+        return os.access(target, mode)
+
+    if not path.exists():
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"spool: cannot create {path} as user {user}: {ancestor} is not a directory"
+        if not may_write(ancestor):
+            return f"spool: cannot create {path} as user {user}: {ancestor}: {denied(ancestor)}"
+        return None
+    if not path.is_dir():
+        return f"spool: {path} is not a directory"
+    names = ("", "tmp", "bodies", "spool.db", "spool.db-wal", "spool.db-shm", "spool.lock")
+    for target in (path / name if name else path for name in names):
+        if target.exists() and not may_write(target):
+            return f"spool: cannot write {target} as user {user}: {denied(target)}"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -226,7 +282,7 @@ class BodyWriter:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:
             self.closed = True
-            raise _os_error(exc, "create body") from None
+            raise os_error(exc, "create body") from None
 
     @property
     def sha256(self) -> str:
@@ -242,7 +298,7 @@ class BodyWriter:
                 view = view[n:]
         except OSError as exc:
             self.abort()
-            raise _os_error(exc, "write body") from None
+            raise os_error(exc, "write body", self.path) from None
         self.size += len(data)
         self._hash.update(data)
         if self._kept is not None:
@@ -265,7 +321,7 @@ class BodyWriter:
                 os.fsync(self._fd)
         except OSError as exc:
             self.abort()
-            raise _os_error(exc, "fsync body") from None
+            raise os_error(exc, "fsync body", self.path) from None
         fd, self._fd = self._fd, None
         os.close(fd)
 
@@ -417,7 +473,7 @@ class Spool:
                     if self._fsync:
                         _fsync_dir(d.parent)
         except OSError as exc:
-            raise _os_error(exc, "create spool directory") from None
+            raise os_error(exc, "create spool directory") from None
         if recover:
             self._take_lock()
         try:
@@ -433,7 +489,7 @@ class Spool:
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:
-            raise _os_error(exc, "open lock file") from None
+            raise os_error(exc, "open lock file") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -500,7 +556,7 @@ class Spool:
                 check_same_thread=False,  # guarded by self._lock
             )
         except sqlite3.Error as exc:
-            raise _db_error(exc, "open database") from None
+            raise _db_error(exc, "open database", self.db_path) from None
         conn.row_factory = sqlite3.Row
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -523,7 +579,7 @@ class Spool:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             conn.close()
-            raise _db_error(exc, "prepare database") from None
+            raise _db_error(exc, "prepare database", self.db_path) from None
         except BaseException:
             conn.close()
             raise
@@ -580,7 +636,7 @@ class Spool:
                 _fsync_dir(self.tmp_dir)
                 _fsync_dir(self.bodies_dir)
         except OSError as exc:
-            raise _os_error(exc, "recover") from None
+            raise os_error(exc, "recover") from None
         return RecoveryReport(tmp_removed, orphans, missing, requeued)
 
     # ----------------------------------------------------------------- helpers
@@ -647,7 +703,7 @@ class Spool:
             try:
                 free = self.free_bytes()
             except OSError as exc:
-                raise _os_error(exc, "check free space") from None
+                raise os_error(exc, "check free space on", self.path) from None
             if free < self.min_free:
                 raise SpoolFull(f"spool: only {free} bytes free on {self.path}, below min_free {self.min_free}")
         id = new_queue_id(self._clock())
@@ -704,7 +760,7 @@ class Spool:
             try:
                 _fsync_dir(self.bodies_dir)
             except OSError as exc:
-                error = _os_error(exc, "fsync bodies directory")
+                error = os_error(exc, "fsync bodies directory")
                 for i, entry, _ in prepared:
                     self._unlink_body(entry.id)
                     results[i] = error
@@ -757,7 +813,7 @@ class Spool:
             os.rename(writer.path, self.bodies_dir / id)
         except OSError as exc:
             writer.abort()
-            raise _os_error(exc, "commit body") from None
+            raise os_error(exc, "commit body") from None
         writer.closed = True
         now = self._clock()
         envelope, route = request.envelope, request.route

@@ -275,7 +275,9 @@ def test_offline_only_validates(m365: SimulatedM365, tmp_path: Path) -> None:
     m365.stop()  # nothing to talk to: --offline must not try
     code, out = run_check(relay_config(m365, tmp_path), tmp_path, "--offline")
     assert code == 0
-    assert out.strip().splitlines() == [out.strip().splitlines()[0], "all checks passed"]
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("[PASS] configuration") and lines[-1] == "all checks passed"
+    assert [line.split(":", 1)[0] for line in lines[1:-1]] == [f"[PASS] spool {tmp_path / 'spool'}"], lines
 
 
 # --------------------------------------------------------------------------- the docs snapshot
