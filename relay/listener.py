@@ -237,6 +237,11 @@ class _CheapIntrospection:
         return names
 
 
+#: RFC 6531 3.7.4.1: a non-ASCII address in a transaction whose MAIL did not say SMTPUTF8. Refused at
+#: once: accepted, it could never be delivered (Exchange refuses it the same way, on every retry).
+_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM"
+
+
 class RelayHandler(_CheapIntrospection):
     """aiosmtpd hooks: who may send (MAIL), to whom (RCPT), EHLO capabilities, errors."""
 
@@ -246,15 +251,17 @@ class RelayHandler(_CheapIntrospection):
     async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
-        keep = [r for r in responses if not r.startswith("250-AUTH") or server.auth_offered()]
+        keep = [r for r in responses if not r.startswith("250-AUTH") or server.offers_auth()]
         return [*keep[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", keep[-1]]
 
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
+        if not address.isascii() and "SMTPUTF8" not in mail_options:
+            return _NEEDS_SMTPUTF8
         txn = server.txn
         principal = server.principal()
         if principal is None:
-            if server.auth_offered():
+            if server.offers_auth():
                 return "530 5.7.0 Authentication required"
             return f"550 5.7.1 Relaying denied: {server.peer_ip} may not send through this relay"
         # aiosmtpd hands the null sender (bounces) over as "<>"; it stays that way in its envelope
@@ -296,6 +303,8 @@ class RelayHandler(_CheapIntrospection):
                           rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.state.settings.limits.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.state.settings.limits.max_recipients})"
+        if not address.isascii() and not envelope.smtp_utf8:
+            return _NEEDS_SMTPUTF8
         refusal = self.state.policy.check_recipient(address)
         if refusal is not None:
             return refusal.reply
@@ -470,7 +479,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
     def encrypted(self) -> bool:
         return self._tls_protocol is not None or self.listen.tls is TlsMode.IMPLICIT
 
-    def auth_offered(self) -> bool:
+    def offers_auth(self) -> bool:
         if not self._auth_methods or not self.state.settings.users:
             return False
         return self.encrypted or self.state.settings.accept.plaintext_auth == "anywhere" or is_loopback(
@@ -565,7 +574,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         return decoded
 
     async def _auth_precheck(self) -> AuthResult | None:
-        if not self.auth_offered():
+        if not self.offers_auth():
             if not self.encrypted and self._auth_methods and self.state.settings.users:
                 await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
             else:
