@@ -102,13 +102,21 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+#: The key every loopback client shares: one local process could otherwise pick any of the 16 million
+#: source addresses of 127.0.0.0/8 (and ::1, ::ffff:127.x) to get a fresh count each time.
+LOOPBACK_KEY = "loopback"
+
+
 def _ban_key(address: str) -> str:
-    """What a ban applies to: an IPv4 address, or the /64 of an IPv6 one (a single host is usually
-    given a whole /64, so banning one address of it would only make the attacker pick the next)."""
+    """What failures and bans are counted against: all of loopback as one client, an IPv4 address,
+    or the /64 of an IPv6 one (a single host is usually given a whole /64, so banning one address of
+    it would only make the attacker pick the next)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
+    if is_loopback(address):
+        return LOOPBACK_KEY
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
@@ -116,12 +124,33 @@ def _ban_key(address: str) -> str:
     return address
 
 
-class AuthLimiter:
-    """Counts failed AUTH per client address (per /64 for IPv6); ``max_failures`` failures within
-    ``window`` seconds ban the address for ``ban`` seconds (421 4.7.0 at connect and at AUTH).
+def slot_key(address: str) -> str:
+    """What ``limits.max_connections_per_address`` counts: an address, with all of loopback as one."""
+    return LOOPBACK_KEY if is_loopback(address) else address
 
-    Memory is bounded: at most ``max_tracked`` addresses are remembered (the oldest are forgotten
-    first), so a client cycling through many source addresses cannot grow it without limit.
+
+@dataclass(eq=False)
+class AuthAttempt:
+    """One AUTH being verified: it holds a slot of its client's failure budget until it is settled."""
+
+    key: str
+    at: float
+    failed: bool = False
+
+
+class AuthLimiter:
+    """Counts AUTH failures per client (:func:`_ban_key`: all of loopback is one client, IPv6 by /64);
+    ``max_failures`` failures within ``window`` seconds ban the client for ``ban`` seconds (421 4.7.0
+    at connect and at AUTH).
+
+    An attempt is counted *before* its password is checked (:meth:`begin` reserves a slot of the
+    budget): attempts still being verified count as failures, so a parallel burst gets at most
+    ``max_failures`` passwords checked per window; the rest are refused unchecked. A successful login
+    gives back only its own slot: it never clears earlier failures, whoever logged in (another user's
+    success, or the guessed user's own app logging in between guesses, must not reset a guesser's count).
+
+    Memory is bounded: at most ``max_tracked`` clients are remembered (the oldest are forgotten first),
+    so a client cycling through many source addresses cannot grow it without limit.
     """
 
     def __init__(self, max_failures: int, window: float, ban: float,
@@ -131,41 +160,75 @@ class AuthLimiter:
         self.ban = ban
         self.max_tracked = max_tracked
         self._clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._failures: OrderedDict[str, deque[AuthAttempt]] = OrderedDict()
         self._banned_until: OrderedDict[str, float] = OrderedDict()
 
     def banned(self, address: str) -> bool:
-        address = _ban_key(address)
-        until = self._banned_until.get(address)
+        return self._banned(_ban_key(address))
+
+    def _banned(self, key: str) -> bool:
+        until = self._banned_until.get(key)
         if until is None:
             return False
         if self._clock() >= until:
-            del self._banned_until[address]
-            self._failures.pop(address, None)
+            del self._banned_until[key]
+            self._failures.pop(key, None)
             return False
         return True
 
-    def failed(self, address: str) -> int:
-        """Record a failure; returns how many failures this address has within the window."""
-        address = _ban_key(address)
+    def _counted(self, key: str) -> deque[AuthAttempt]:
+        """The client's attempts in the window (failures and ones being verified), most recent last."""
         now = self._clock()
-        q = self._failures.pop(address, None) or deque()
-        self._failures[address] = q  # most recent last
-        q.append(now)
-        while q and q[0] < now - self.window:
+        q = self._failures.pop(key, None) or deque()
+        self._failures[key] = q
+        while q and q[0].at < now - self.window:
             q.popleft()
-        if len(q) >= self.max_failures and address not in self._banned_until:
-            self._banned_until[address] = now + self.ban
-            log.warning("client address refused after repeated AUTH failures",
-                        extra={"event": "auth_banned", "client_ip": address, "failures": len(q),
-                               "ban_seconds": self.ban})
-        for table in (self._failures, self._banned_until):
-            while len(table) > self.max_tracked:
-                table.popitem(last=False)
-        return len(q)
+        while len(self._failures) > self.max_tracked:
+            self._failures.popitem(last=False)
+        return q
 
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(_ban_key(address), None)
+    def begin(self, address: str) -> AuthAttempt | None:
+        """Reserve a slot for one password check; None when the client is banned or its budget for
+        the window is taken (by failures and by checks still running): refuse without checking."""
+        key = _ban_key(address)
+        if self._banned(key):
+            return None
+        q = self._counted(key)
+        if len(q) >= self.max_failures:
+            return None
+        attempt = AuthAttempt(key, self._clock())
+        q.append(attempt)
+        return attempt
+
+    def fail(self, attempt: AuthAttempt) -> int:
+        """The checked password was wrong: its slot stays taken. Returns the client's failures in
+        the window; ``max_failures`` of them ban it (checks still running do not ban, they only
+        hold their slot)."""
+        attempt.failed = True
+        q = self._counted(attempt.key)
+        if attempt not in q:  # forgotten meanwhile (window over, or memory bound): count it again
+            q.append(AuthAttempt(attempt.key, self._clock(), failed=True))
+        failures = sum(a.failed for a in q)
+        if failures >= self.max_failures and attempt.key not in self._banned_until:
+            self._banned_until[attempt.key] = self._clock() + self.ban
+            log.warning("client refused after repeated AUTH failures",
+                        extra={"event": "auth_banned", "client_ip": attempt.key, "failures": failures,
+                               "ban_seconds": self.ban})
+            while len(self._banned_until) > self.max_tracked:
+                self._banned_until.popitem(last=False)
+        return failures
+
+    def succeed(self, attempt: AuthAttempt) -> None:
+        """The checked password was right: its own slot is given back, earlier failures stay."""
+        q = self._failures.get(attempt.key)
+        if q is not None and attempt in q:
+            q.remove(attempt)
+
+    def failed(self, address: str) -> int:
+        """Record a failure without a reservation (an attempt settled at once)."""
+        attempt = AuthAttempt(_ban_key(address), self._clock())
+        self._counted(attempt.key).append(attempt)
+        return self.fail(attempt)
 
 
 @dataclass
@@ -441,15 +504,16 @@ class RelaySMTP(_CheapIntrospection, SMTP):
                         extra={"event": "connection_limit", "client_ip": ip, "limit": limits.max_connections})
             await self._refuse_connection("421 4.7.0 Too many connections, try again later")
             return
-        if state.per_address[ip] >= limits.max_connections_per_address:
+        slot = slot_key(ip)
+        if state.per_address[slot] >= limits.max_connections_per_address:
             log.warning("connection refused: too many connections from one address",
                         extra={"event": "connection_limit", "client_ip": ip,
                                "limit": limits.max_connections_per_address})
             await self._refuse_connection("421 4.7.0 Too many connections from your address, try again later")
             return
         state.connections += 1
-        state.per_address[ip] += 1
-        self._counted = ip
+        state.per_address[slot] += 1
+        self._counted = slot
         try:
             await super()._handle_client()
         finally:
@@ -457,11 +521,11 @@ class RelaySMTP(_CheapIntrospection, SMTP):
 
     def _uncount(self) -> None:
         if self._counted is not None:
-            ip, self._counted = self._counted, None
+            slot, self._counted = self._counted, None
             self.state.connections -= 1
-            self.state.per_address[ip] -= 1
-            if self.state.per_address[ip] <= 0:
-                del self.state.per_address[ip]
+            self.state.per_address[slot] -= 1
+            if self.state.per_address[slot] <= 0:
+                del self.state.per_address[slot]
 
     def connection_lost(self, error: Exception | None) -> None:
         self._uncount()
@@ -581,36 +645,38 @@ class RelaySMTP(_CheapIntrospection, SMTP):
                 await self.push("503 5.5.1 AUTH not available")
             return AuthResult(success=False, handled=True)
         if self.state.auth_limiter.banned(self.peer_ip):
-            await self.push("421 4.7.0 Too many failed logins from your address, try later")
-            if self.transport is not None:
-                self.transport.close()
-            return AuthResult(success=False, handled=True)
+            return await self._refuse_banned()
         return None
+
+    async def _refuse_banned(self) -> AuthResult:
+        await self.push("421 4.7.0 Too many failed logins from your address, try later")
+        if self.transport is not None:
+            self.transport.close()
+        return AuthResult(success=False, handled=True)
 
     async def _verify(self, login_b: bytes, password_b: bytes) -> AuthResult:
         state = self.state
         login = login_b.decode("utf-8", "replace")
         password = password_b.decode("utf-8", "surrogateescape")
-        user = state.policy.user(login)
-        ok = False
-        if user is not None:
-            if state.verified.hit(user.name, user.password_hash, password):
-                ok = True
-            else:
-                ok = await asyncio.to_thread(verify_password, password, user.password_hash)
-                if ok:
-                    state.verified.add(user.name, user.password_hash, password)
-        else:
-            # Same cost as a known user with a wrong password: the answer time does not tell a
-            # guesser which user names exist.
-            await asyncio.to_thread(verify_password, password, _dummy_hash(state.settings))
+        # Counted before it is checked: a parallel burst cannot get more passwords checked than the
+        # failure budget, and the ones over it are refused without a check.
+        attempt = state.auth_limiter.begin(self.peer_ip)
+        if attempt is None:
+            log.warning("AUTH refused unchecked: too many failed or pending logins from this client", extra={
+                "event": "auth_refused", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip})
+            return await self._refuse_banned()
+        try:
+            ok = await self._check_password(login, password)
+        except BaseException:
+            state.auth_limiter.fail(attempt)  # a check cut short (client gone) still counts
+            raise
         if ok:
-            state.auth_limiter.succeeded(self.peer_ip)
+            state.auth_limiter.succeed(attempt)
             self.txn.user = login
             # DEBUG: every message's "received" line already names the user; failures stay WARNING.
             log.debug("client authenticated", extra={"event": "auth_ok", "user": login, "client_ip": self.peer_ip})
             return AuthResult(success=True, auth_data=LoginPassword(login_b, b""))
-        failures = state.auth_limiter.failed(self.peer_ip)
+        failures = state.auth_limiter.fail(attempt)
         log.warning("client authentication failed", extra={
             "event": "auth_failed", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip,
             "failures": failures})
@@ -619,11 +685,23 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         if delay > 0:
             await asyncio.sleep(delay)  # tarpit: slows password guessing, not a synchronisation
         if state.auth_limiter.banned(self.peer_ip):
-            await self.push("421 4.7.0 Too many failed logins from your address, try later")
-            if self.transport is not None:
-                self.transport.close()
-            return AuthResult(success=False, handled=True)
+            return await self._refuse_banned()
         return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+
+    async def _check_password(self, login: str, password: str) -> bool:
+        state = self.state
+        user = state.policy.user(login)
+        if user is None:
+            # Same cost as a known user with a wrong password: the answer time does not tell a
+            # guesser which user names exist.
+            await asyncio.to_thread(verify_password, password, _dummy_hash(state.settings))
+            return False
+        if state.verified.hit(user.name, user.password_hash, password):
+            return True
+        ok = await asyncio.to_thread(verify_password, password, user.password_hash)
+        if ok:
+            state.verified.add(user.name, user.password_hash, password)
+        return ok
 
     # ---- DATA ------------------------------------------------------------------------------
 

@@ -3,14 +3,18 @@ mechanism names, the health server and reload safety. Real sockets on loopback, 
 
 from __future__ import annotations
 
-import base64
+import concurrent.futures
+import threading
+from collections.abc import Iterator
 
 import pytest
 
-from relay.listener import RelayHandler, RelaySMTP
-from relay.testing.harness import RelayThread
+import relay.listener
+from relay.listener import AuthLimiter, RelayHandler, RelaySMTP
+from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
-from tests.test_security_support import RawSMTP
+from tests.conftest import RelayFactory
+from tests.test_security_support import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 
@@ -73,5 +77,173 @@ def test_utf8_recipient_with_smtputf8_is_not_refused_for_its_encoding(relay: Rel
         assert not c.cmd("RCPT TO:<jürgen@fabrikam.example>".encode()).startswith(b"553")
 
 
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
+# ---- brute force by person, not by socket -----------------------------------------------------------
+
+FAST_TARPIT = {"delay": 0.001, "max_delay": 0.005}
+
+
+class Checks:
+    """Counts the password checks the relay really runs (wrapping verify_password); ``gate``, when
+    cleared, holds every check until the test sets it (bounded)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = 0
+
+
+@pytest.fixture
+def checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Checks]:
+    real = relay.listener.verify_password
+    c = Checks()
+
+    def counted(password: str, hashed: str) -> bool:
+        with c.lock:
+            c.count += 1
+            c.waiting += 1
+        try:
+            assert c.gate.wait(30), "the test never released the password checks"
+            return real(password, hashed)
+        finally:
+            with c.lock:
+                c.waiting -= 1
+
+    monkeypatch.setattr(relay.listener, "verify_password", counted)
+    yield c
+    c.gate.set()
+
+
+def _guess(source: str, port: int, guesses: int, replies: list[bytes], lock: threading.Lock) -> None:
+    """One client address: EHLO, then wrong passwords until refused with 421 or closed."""
+    try:
+        with RawSMTP(port, source=source, greet=False) as c:
+            greeting = c.reply()
+            if not greeting.startswith(b"220"):
+                with lock:
+                    replies.append(greeting)
+                return
+            c.ehlo()
+            for i in range(guesses):
+                reply = c.cmd(f"AUTH PLAIN {plain_blob(DEMO_USER, f'{source}-guess-{i}')}")
+                with lock:
+                    replies.append(reply)
+                if not reply.startswith(b"535"):
+                    return
+    except ConnectionError:
+        return
+
+
+def test_rotating_loopback_addresses_get_one_budget(relay_factory: RelayFactory, m365: SimulatedM365,
+                                                     checks: Checks) -> None:
+    """40 loopback source addresses x 9 wrong guesses, all at once: at most ``max`` passwords are
+    checked in the window, then every loopback client is refused; the real user too, until the ban
+    ends, and then the real user logs in and sends."""
+    relay = relay_factory(limits={"auth_failures": {"max": 10, "window": 600, "ban": 900, **FAST_TARPIT}})
+    replies: list[bytes] = []
+    lock = threading.Lock()
+    sources = [f"127.0.{i // 200}.{i % 200 + 2}" for i in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(len(sources)) as pool:
+        for future in [pool.submit(_guess, s, relay.port, 9, replies, lock) for s in sources]:
+            future.result(60)
+    assert checks.count <= 10, f"{checks.count} passwords checked for 10 allowed"
+    assert sum(r.startswith(b"535") for r in replies) <= 9
+    assert any(r.startswith(b"421 4.7.0") for r in replies)
+    # The real user, from any loopback address, is refused while the ban lasts (documented).
+    for source in ("127.0.0.1", "127.9.9.9"):
+        with RawSMTP(relay.port, source=source, greet=False) as c:
+            assert c.reply().startswith(b"421 4.7.0")
+            assert c.closed()
+    assert checks.count <= 10
+    # When the ban is over, the real user logs in and sends as usual.
+    limiter = relay.relay.listener_state.auth_limiter
+    later = limiter._clock() + 901
+    limiter._clock = lambda: later
+    with RawSMTP(relay.port, source="127.0.0.1") as c:
+        c.ehlo()
+        c.login()
+        assert c.send_mail(STANDARD_MAILBOX, [RCPT], simple_body("after the ban")).startswith(b"250")
+    assert len(m365.exchange.wait_for_messages(1)) == 1
+
+
+def test_parallel_burst_is_counted_before_it_is_checked(relay_factory: RelayFactory, checks: Checks) -> None:
+    """40 AUTHs sent at once from one address: only ``max`` reach the password check, the others are
+    refused (421 4.7.0) unchecked, and so is the right password sent while the burst is pending."""
+    relay = relay_factory(limits={"auth_failures": {"max": 10, **FAST_TARPIT}})
+    checks.gate.clear()  # hold every password check until all AUTHs are in
+    clients = [RawSMTP(relay.port, source=f"127.0.1.{i + 1}") for i in range(40)]
+    try:
+        for c in clients:
+            c.ehlo()
+        for i, c in enumerate(clients[:39]):
+            c.send(f"AUTH PLAIN {plain_blob(DEMO_USER, f'wrong-{i}')}\r\n".encode())
+        replies: dict[int, bytes] = {}
+
+        def read(i: int) -> None:
+            replies[i] = clients[i].reply()
+
+        with concurrent.futures.ThreadPoolExecutor(39) as pool:
+            futures = [pool.submit(read, i) for i in range(39)]
+            wait_until(lambda: len(replies) == 29, 30, "the AUTHs over the budget to be refused")
+            assert all(r.startswith(b"421 4.7.0") for r in replies.values()), replies
+            assert checks.count <= 10
+            # The right password, sent while 10 checks are pending: refused unchecked.
+            right = clients[39].cmd(f"AUTH PLAIN {plain_blob(DEMO_USER, DEMO_PASSWORD)}")
+            assert right.startswith(b"421 4.7.0")
+            checks.gate.set()
+            for f in futures:
+                f.result(30)
+        assert checks.count == 10
+        codes = sorted(r[:3] for r in replies.values())
+        # 29 refused unchecked; of the 10 checked, the 10th failure bans (and the ones still in the
+        # tarpit when it does are refused with 421 too)
+        assert len(codes) == 39 and set(codes) <= {b"421", b"535"} and codes.count(b"421") >= 30
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_success_does_not_reset_failures(relay_factory: RelayFactory) -> None:
+    """Failures stay counted for their window whoever logs in afterwards (the guessed user's own app
+    included): 2 failures, a success, 1 more failure reach max 3 and ban."""
+    relay = relay_factory(limits={"auth_failures": {"max": 3, **FAST_TARPIT}})
+    with RawSMTP(relay.port, source="127.0.0.5") as c:
+        c.ehlo()
+        assert c.cmd(f"AUTH PLAIN {plain_blob('admin', 'guess1')}").startswith(b"535")
+        assert c.cmd(f"AUTH PLAIN {plain_blob(DEMO_USER, 'guess2')}").startswith(b"535")
+    with RawSMTP(relay.port, source="127.0.0.1") as c:
+        c.ehlo()
+        c.login()
+    with RawSMTP(relay.port, source="127.0.0.6") as c:
+        c.ehlo()
+        assert c.cmd(f"AUTH PLAIN {plain_blob(DEMO_USER, 'guess3')}").startswith(b"421 4.7.0")
+        assert c.closed()
+
+
+def test_limiter_keys_loopback_as_one_client() -> None:
+    lim = AuthLimiter(3, window=60, ban=300, clock=lambda: 1000.0)
+    for host in ("127.0.0.1", "::1", "::ffff:127.3.2.1"):
+        lim.failed(host)
+    assert lim.banned("127.200.1.1") and lim.banned("::1") and lim.banned("::ffff:127.0.0.1")
+    assert not lim.banned("192.0.2.1") and not lim.banned("2001:db8::1")
+
+
+def test_limiter_reserves_before_checking() -> None:
+    now = [1000.0]
+    lim = AuthLimiter(3, window=60, ban=300, clock=lambda: now[0])
+    pending = [lim.begin("192.0.2.1") for _ in range(3)]
+    assert all(p is not None for p in pending)
+    assert lim.begin("192.0.2.1") is None, "the budget is taken by checks still running"
+    assert lim.begin("192.0.2.2") is not None, "another client is not affected"
+    assert not lim.banned("192.0.2.1")
+    a, b, c = pending
+    assert a is not None and b is not None and c is not None
+    lim.succeed(a)  # a success gives back its own slot only
+    assert (again := lim.begin("192.0.2.1")) is not None
+    assert lim.fail(b) == 1 and lim.fail(c) == 2
+    assert not lim.banned("192.0.2.1"), "a check still running holds a slot but does not ban"
+    assert lim.fail(again) == 3
+    assert lim.banned("192.0.2.1") and lim.begin("192.0.2.1") is None
+    now[0] += 301
+    assert not lim.banned("192.0.2.1") and lim.begin("192.0.2.1") is not None
