@@ -439,6 +439,10 @@ class LimitSettings(_Model):
     max_connections_per_address: int = Field(default=50, ge=1)
     idle_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
+    #: longest a client connection may last: a command after it gets 421 4.4.2 and the connection is
+    #: closed (a client sending NOOP every few seconds cannot keep a connection slot forever); one
+    #: still silent or in DATA then is closed ``data_timeout`` later at the latest.
+    max_session: Duration = Field(default=3600.0, gt=0)
     #: longest DATA line accepted. RFC 5321 says 998, but legacy apps write longer lines (HTML on one
     #: line) and Exchange Online accepts them, so the default is lenient; set 998 to be strict.
     line_length: int = Field(default=10000, ge=78)

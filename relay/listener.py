@@ -240,6 +240,8 @@ class ListenerState:
     intake: Intake
     auth_limiter: AuthLimiter
     verified: VerifiedCache = field(default_factory=VerifiedCache)
+    #: monotonic seconds, for the session limit (a test may turn it forward)
+    clock: Callable[[], float] = time.monotonic
     connections: int = 0
     per_address: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -262,6 +264,7 @@ _ENHANCED_BY_CODE = {
 _ENHANCED_2XX = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye"}
 _HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SESSION_TOO_LONG = "421 4.4.2 Session time limit reached, closing connection"
 _MAX_REPLY = 512
 
 
@@ -421,6 +424,8 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         self.listen = listen
         self.txn = _Transaction()
         self._counted: str | None = None
+        self._session_ends = float("inf")
+        self._session_timer: asyncio.TimerHandle | None = None
         limits = self.state.settings.limits
         # Per connection, not aiosmtpd's class-wide dict (which every EHLO of every client grows).
         self.command_size_limit = limits.command_line_length
@@ -443,6 +448,39 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         self.command_size_limits = defaultdict(lambda: limits.command_line_length)
         if self.state.settings.accept.auth is AuthMode.NONE:
             self._auth_methods.clear()
+        self._smtp_methods = {name: self._within_session(name, method)
+                              for name, method in self._smtp_methods.items()}
+
+    def _within_session(self, name: str, method: Callable[[str], Any]) -> Callable[[str], Any]:
+        """Every command but QUIT is refused (421 4.4.2, then close) once the session is older than
+        limits.max_session."""
+        if name == "QUIT":
+            return method
+
+        async def command(arg: str) -> None:
+            if self.state.clock() >= self._session_ends:
+                await self._end_session()
+                return
+            await method(arg)
+        return command
+
+    async def _end_session(self) -> None:
+        log.info("session closed: longer than limits.max_session", extra={
+            "event": "session_limit", "client_ip": self.peer_ip,
+            "max_session": self.state.settings.limits.max_session})
+        await self._refuse_connection(_SESSION_TOO_LONG)
+
+    def _session_expired(self) -> None:
+        """The hard stop, data_timeout after max_session: whatever the client is doing (silent,
+        dribbling DATA, stalled in AUTH), say why and close."""
+        self._session_timer = None
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            log.info("session closed: longer than limits.max_session", extra={
+                "event": "session_limit", "client_ip": self.peer_ip,
+                "max_session": self.state.settings.limits.max_session})
+            transport.write(_SESSION_TOO_LONG.encode() + b"\r\n")
+            transport.close()
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
@@ -514,12 +552,18 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         state.connections += 1
         state.per_address[slot] += 1
         self._counted = slot
+        self._session_ends = state.clock() + limits.max_session
+        self._session_timer = asyncio.get_running_loop().call_later(
+            limits.max_session + limits.data_timeout, self._session_expired)
         try:
             await super()._handle_client()
         finally:
             self._uncount()
 
     def _uncount(self) -> None:
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+            self._session_timer = None
         if self._counted is not None:
             slot, self._counted = self._counted, None
             self.state.connections -= 1

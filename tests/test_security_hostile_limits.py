@@ -247,3 +247,53 @@ def test_limiter_reserves_before_checking() -> None:
     assert lim.banned("192.0.2.1") and lim.begin("192.0.2.1") is None
     now[0] += 301
     assert not lim.banned("192.0.2.1") and lim.begin("192.0.2.1") is not None
+
+
+# ---- connection slots -------------------------------------------------------------------------------
+
+def test_noop_every_few_seconds_does_not_keep_a_session_forever(relay_factory: RelayFactory,
+                                                                m365: SimulatedM365) -> None:
+    relay = relay_factory(limits={"max_session": "1h"})
+    state = relay.relay.listener_state
+    now = [1000.0]
+    state.clock = lambda: now[0]
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        for _ in range(5):
+            now[0] += 600  # ten minutes between NOOPs: never idle long enough for idle_timeout
+            c.expect("NOOP", 250)
+        now[0] += 601  # 1 h 0 min 1 s
+        assert c.cmd("NOOP").startswith(b"421 4.4.2")
+        assert c.closed()
+    wait_until(lambda: state.connections == 0, 10, "the slot to be released")
+    # A new connection has its own hour.
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        c.login()
+        assert c.send_mail(STANDARD_MAILBOX, [RCPT], simple_body("new session")).startswith(b"250")
+    assert len(m365.exchange.wait_for_messages(1)) == 1
+
+
+def test_a_silent_session_is_closed_after_max_session_plus_data_timeout(relay_factory: RelayFactory) -> None:
+    """The hard stop: a client that says nothing (idle_timeout far away) is still closed, with 421."""
+    relay = relay_factory(limits={"max_session": 0.2, "data_timeout": 0.3, "idle_timeout": 60})
+    with RawSMTP(relay.port, timeout=10) as c:
+        c.ehlo()
+        assert c.reply() == b"421 4.4.2 Session time limit reached, closing connection"  # bounded: 10 s
+        assert c.closed()
+    wait_until(lambda: relay.relay.listener_state.connections == 0, 10, "the slot to be released")
+
+
+def test_loopback_sources_share_the_per_address_slots(relay_factory: RelayFactory) -> None:
+    relay = relay_factory(limits={"max_connections_per_address": 3})
+    held = [RawSMTP(relay.port, source=f"127.0.2.{i + 1}") for i in range(3)]
+    try:
+        with RawSMTP(relay.port, source="127.0.2.200", greet=False) as c:
+            assert c.reply().startswith(b"421 4.7.0 Too many connections from your address")
+            assert c.closed()
+    finally:
+        for c in held:
+            c.close()
+    wait_until(lambda: relay.relay.listener_state.connections == 0, 10, "the slots to be released")
+    with RawSMTP(relay.port, source="127.0.2.200") as c:
+        c.ehlo()
