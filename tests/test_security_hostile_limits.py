@@ -4,13 +4,17 @@ mechanism names, the health server and reload safety. Real sockets on loopback, 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 import relay.listener
 from relay.listener import AuthLimiter, RelayHandler, RelaySMTP
+from relay.observability import HEALTH_MAX_CONNECTIONS, HealthServer, Metrics
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from tests.conftest import RelayFactory
@@ -297,3 +301,81 @@ def test_loopback_sources_share_the_per_address_slots(relay_factory: RelayFactor
     wait_until(lambda: relay.relay.listener_state.connections == 0, 10, "the slots to be released")
     with RawSMTP(relay.port, source="127.0.2.200") as c:
         c.ehlo()
+
+
+# ---- the metrics/health HTTP server ---------------------------------------------------------------
+
+def _http_get(port: int, path: str) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_health_server_caps_connections_and_times_out_silent_clients() -> None:
+    server = HealthServer("127.0.0.1", 0, Metrics(), lambda: (True, {}), request_timeout=1.0)
+    server.start()
+    silent: list[socket.socket] = []
+    try:
+        assert HEALTH_MAX_CONNECTIONS == 16
+        for _ in range(HEALTH_MAX_CONNECTIONS):
+            silent.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        silent[0].sendall(b"GET /metr")  # half a request line: no better than nothing
+        # Every slot is taken: one more connection is closed at once, unanswered.
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert _closed_by_server(extra)
+        assert time.monotonic() - started < 1.0
+        # The silent ones are closed by the server after the request timeout (bounded by 10 s each).
+        for s in silent:
+            assert _closed_by_server(s)
+        assert time.monotonic() - started < 5.0
+        # and the slots come back.
+        answers: list[tuple[int, bytes]] = []
+
+        def served() -> bool:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                answers.append(_http_get(server.port, "/healthz"))
+            return bool(answers) and answers[-1] == (200, b"ok\n")
+
+        wait_until(served, 10, "the health server to answer again")
+    finally:
+        for s in silent:
+            s.close()
+        server.stop()
+
+
+def test_health_server_closes_a_dribbling_client_at_the_request_timeout() -> None:
+    """A byte every 0.2 s never trips a per-read timeout; the whole-connection deadline still ends it."""
+    server = HealthServer("127.0.0.1", 0, Metrics(), lambda: (True, {}), request_timeout=1.0)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=0.2) as s:
+            started = time.monotonic()
+            closed = False
+            for byte in b"GET /healthz HTTP/1.0\r\nX-Pad: " + b"a" * 200:
+                try:
+                    s.sendall(bytes([byte]))
+                    closed = s.recv(1) == b""  # waits at most 0.2 s for the server to close
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                break
+            assert closed
+            assert 0.9 <= time.monotonic() - started < 5
+    finally:
+        server.stop()
