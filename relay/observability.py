@@ -112,6 +112,8 @@ class Metrics:
         self.hold = Gauge("relay_hold", "1 for each app or mailbox on hold, with the classifier's reason",
                           ["scope", "name", "reason"], registry=r)
         self.auth_failures = Counter("relay_client_auth_failures", "Failed client AUTH attempts", registry=r)
+        self.reloads = Counter("relay_reload", "Configuration reloads (SIGHUP), by result: applied, refused "
+                               "(would make an open relay), invalid (the file does not load)", ["result"], registry=r)
 
     def attempt(self, mailbox: str, reason: str, seconds: float) -> None:
         self.attempts.labels(reason).observe(seconds)

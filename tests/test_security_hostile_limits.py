@@ -9,13 +9,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import relay.listener
+from relay.config import settings_from_dict
 from relay.listener import AuthLimiter, RelayHandler, RelaySMTP
 from relay.observability import HEALTH_MAX_CONNECTIONS, HealthServer, Metrics
-from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, wait_until
+from relay.service import ReloadRefused
+from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, wait_until, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from tests.conftest import RelayFactory
 from tests.test_security_support import RawSMTP, plain_blob, simple_body
@@ -379,3 +382,76 @@ def test_health_server_closes_a_dribbling_client_at_the_request_timeout() -> Non
             assert 0.9 <= time.monotonic() - started < 5
     finally:
         server.stop()
+
+
+# ---- reload safety ----------------------------------------------------------------------------------
+
+def test_reload_that_would_open_the_running_listeners_is_refused(
+        relay_factory: RelayFactory, m365: SimulatedM365, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Running on 0.0.0.0 with a narrow allowlist; the new file says listen on loopback (needs a
+    restart, so the old socket stays) and allowlists 0.0.0.0/0: valid alone, an open relay for the
+    running listener. Refused; the old networks keep working and the session in flight completes."""
+    relay = relay_factory(listen=[{"address": "0.0.0.0:0", "tls": "none"}],
+                          accept={"networks": ["127.0.0.1/32"], "auth": "optional"})
+    wide = settings_from_dict(relay_config(m365, tmp_path, overrides={
+        "listen": [{"address": "127.0.0.1:0", "tls": "none"}],
+        "accept": {"networks": ["127.0.0.1/32", "0.0.0.0/0"], "auth": "optional"}}))
+    with RawSMTP(relay.port, source="127.0.0.1") as inflight:
+        inflight.ehlo()
+        inflight.expect(f"MAIL FROM:<{STANDARD_MAILBOX}>", 250)  # by the allowlist, no AUTH
+        inflight.expect(f"RCPT TO:<{RCPT}>", 250)
+        with pytest.raises(ReloadRefused) as refused:
+            relay.call(relay.relay.reload(wide))
+        assert refused.value.key == "accept.networks[1]"
+        assert "0.0.0.0:" in str(refused.value) and "restart" in str(refused.value)
+        inflight.expect("DATA", 354)
+        inflight.send(b"From: relay@contoso.com\r\nTo: someone@fabrikam.example\r\nSubject: in flight\r\n\r\n"
+                      b"Hi\r\n.\r\n")
+        assert inflight.reply().startswith(b"250")
+    assert [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "reload_refused"]
+    registry = relay.relay.metrics.registry
+    assert registry.get_sample_value("relay_reload_total", {"result": "refused"}) == 1
+    assert not registry.get_sample_value("relay_reload_total", {"result": "applied"})
+    # The running configuration stays: 127.0.0.1 still sends without AUTH, 127.0.0.2 (in the refused
+    # 0.0.0.0/0) still must log in.
+    assert relay.relay.settings.accept.networks[0].network == "127.0.0.1/32"
+    assert len(relay.relay.settings.accept.networks) == 1
+    with RawSMTP(relay.port, source="127.0.0.2") as c:
+        c.ehlo()
+        assert c.cmd(f"MAIL FROM:<{STANDARD_MAILBOX}>").startswith(b"530 5.7.0")
+    with RawSMTP(relay.port, source="127.0.0.1") as c:
+        c.ehlo()
+        assert c.send_mail(STANDARD_MAILBOX, [RCPT], simple_body("after the refused reload")).startswith(b"250")
+    assert len(m365.exchange.wait_for_messages(2)) == 2
+
+
+def test_reload_with_a_narrow_allowlist_is_applied_on_a_public_listener(
+        relay_factory: RelayFactory, m365: SimulatedM365, tmp_path: Path) -> None:
+    relay = relay_factory(listen=[{"address": "0.0.0.0:0", "tls": "none"}],
+                          accept={"networks": ["127.0.0.1/32"], "auth": "optional"})
+    narrow = settings_from_dict(relay_config(m365, tmp_path, overrides={
+        "listen": [{"address": "0.0.0.0:0", "tls": "none"}],
+        "accept": {"networks": ["127.0.0.1/32", "127.0.0.2/32"], "auth": "optional"}}))
+    relay.call(relay.relay.reload(narrow))
+    assert relay.relay.metrics.registry.get_sample_value("relay_reload_total", {"result": "applied"}) == 1
+    with RawSMTP(relay.port, source="127.0.0.2") as c:
+        c.ehlo()
+        assert c.send_mail(STANDARD_MAILBOX, [RCPT], simple_body("newly allowed")).startswith(b"250")
+    assert len(m365.exchange.wait_for_messages(1)) == 1
+
+
+def test_sighup_reload_of_an_open_relay_file_keeps_running(relay_factory: RelayFactory, m365: SimulatedM365,
+                                                            tmp_path: Path) -> None:
+    """The SIGHUP path (file on disk): refused, counted, nothing raised into the event loop."""
+    relay = relay_factory(listen=[{"address": "0.0.0.0:0", "tls": "none"}],
+                          accept={"networks": ["127.0.0.1/32"], "auth": "optional"})
+    path = write_config(relay_config(m365, tmp_path, overrides={
+        "accept": {"networks": ["0.0.0.0/0"], "auth": "optional"}}), tmp_path / "relay.yaml")
+    relay.relay.config_path = str(path)
+    relay.call(relay.relay._safe_reload())
+    registry = relay.relay.metrics.registry
+    assert registry.get_sample_value("relay_reload_total", {"result": "refused"}) == 1
+    assert [n.network for n in relay.relay.settings.accept.networks] == ["127.0.0.1/32"]
+    path.write_text("listen: [")  # not YAML: counted as invalid
+    relay.call(relay.relay._safe_reload())
+    assert registry.get_sample_value("relay_reload_total", {"result": "invalid"}) == 1
