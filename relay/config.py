@@ -420,7 +420,9 @@ class DeliverySettings(_Model):
 
 
 class AuthFailureSettings(_Model):
-    """Failed AUTH per client address: ``max`` failures within ``window`` ban the address for ``ban``.
+    """Failed AUTH per client (an address; all of loopback is one client, IPv6 by /64): ``max``
+    failures within ``window`` ban the client for ``ban``. An attempt takes its place in the count
+    before its password is checked; a successful login clears no failure.
 
     Each failure before that also delays the answer by ``delay`` x (failures so far), at most
     ``max_delay``: a password guesser slows down, an app with a typo barely notices."""
