@@ -457,6 +457,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         if name == "QUIT":
             return method
 
+        @functools.wraps(method)  # HELP reads the syntax aiosmtpd attaches to each method
         async def command(arg: str) -> None:
             if self.state.clock() >= self._session_ends:
                 await self._end_session()

@@ -455,3 +455,12 @@ def test_sighup_reload_of_an_open_relay_file_keeps_running(relay_factory: RelayF
     path.write_text("listen: [")  # not YAML: counted as invalid
     relay.call(relay.relay._safe_reload())
     assert registry.get_sample_value("relay_reload_total", {"result": "invalid"}) == 1
+
+
+def test_help_still_lists_the_commands(relay: RelayThread) -> None:
+    """The session limit wraps every command; HELP still finds their syntax."""
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        assert set(c.cmd("HELP").split()[3:]) == {b"AUTH", b"EHLO", b"HELO", b"HELP", b"MAIL", b"NOOP", b"QUIT",
+                                                 b"RCPT", b"RSET", b"VRFY"}
+        assert c.cmd("HELP MAIL").startswith(b"250 Syntax: MAIL FROM: <address>")
