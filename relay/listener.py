@@ -144,8 +144,9 @@ class AuthLimiter:
     at connect and at AUTH).
 
     An attempt is counted *before* its password is checked (:meth:`begin` reserves a slot of the
-    budget): attempts still being verified count as failures, so a parallel burst gets at most
-    ``max_failures`` passwords checked per window; the rest are refused unchecked. A successful login
+    budget): attempts still being verified hold a slot, so a parallel burst gets at most
+    ``max_failures`` passwords checked per window; the rest wait for those to settle and are refused
+    unchecked once failures fill the budget (or go on when successes give slots back). A successful login
     gives back only its own slot: it never clears earlier failures, whoever logged in (another user's
     success, or the guessed user's own app logging in between guesses, must not reset a guesser's count).
 
@@ -162,6 +163,9 @@ class AuthLimiter:
         self._clock = clock
         self._failures: OrderedDict[str, deque[AuthAttempt]] = OrderedDict()
         self._banned_until: OrderedDict[str, float] = OrderedDict()
+        self._settle: asyncio.Event | None = None
+        #: AUTHs waiting for a check of their client to settle
+        self.waiting = 0
 
     def banned(self, address: str) -> bool:
         return self._banned(_ban_key(address))
@@ -187,18 +191,37 @@ class AuthLimiter:
             self._failures.popitem(last=False)
         return q
 
-    def begin(self, address: str) -> AuthAttempt | None:
-        """Reserve a slot for one password check; None when the client is banned or its budget for
-        the window is taken (by failures and by checks still running): refuse without checking."""
+    async def begin(self, address: str) -> AuthAttempt | None:
+        """Reserve a slot of the client's budget for one password check. None: refuse without
+        checking (the client is banned, or its failures alone fill the budget). While checks still
+        running fill the budget, wait for one of them to settle: a success gives its slot back (ten
+        apps logging in at once all get in), a failure keeps it (a burst of guesses is refused)."""
         key = _ban_key(address)
-        if self._banned(key):
-            return None
-        q = self._counted(key)
-        if len(q) >= self.max_failures:
-            return None
-        attempt = AuthAttempt(key, self._clock())
-        q.append(attempt)
-        return attempt
+        while True:
+            if self._banned(key):
+                return None
+            q = self._counted(key)
+            if len(q) < self.max_failures:
+                attempt = AuthAttempt(key, self._clock())
+                q.append(attempt)
+                return attempt
+            if all(a.failed for a in q):
+                return None
+            self.waiting += 1
+            try:
+                await self._settled().wait()
+            finally:
+                self.waiting -= 1
+
+    def _settled(self) -> asyncio.Event:
+        if self._settle is None:
+            self._settle = asyncio.Event()
+        return self._settle
+
+    def _notify(self) -> None:
+        if self._settle is not None:
+            self._settle.set()
+            self._settle = None
 
     def fail(self, attempt: AuthAttempt) -> int:
         """The checked password was wrong: its slot stays taken. Returns the client's failures in
@@ -216,6 +239,7 @@ class AuthLimiter:
                                "ban_seconds": self.ban})
             while len(self._banned_until) > self.max_tracked:
                 self._banned_until.popitem(last=False)
+        self._notify()
         return failures
 
     def succeed(self, attempt: AuthAttempt) -> None:
@@ -223,6 +247,7 @@ class AuthLimiter:
         q = self._failures.get(attempt.key)
         if q is not None and attempt in q:
             q.remove(attempt)
+        self._notify()
 
     def failed(self, address: str) -> int:
         """Record a failure without a reservation (an attempt settled at once)."""
@@ -704,10 +729,11 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         login = login_b.decode("utf-8", "replace")
         password = password_b.decode("utf-8", "surrogateescape")
         # Counted before it is checked: a parallel burst cannot get more passwords checked than the
-        # failure budget, and the ones over it are refused without a check.
-        attempt = state.auth_limiter.begin(self.peer_ip)
+        # failure budget; the ones over it wait for those checks, then go on (successes) or are
+        # refused without a check (failures).
+        attempt = await state.auth_limiter.begin(self.peer_ip)
         if attempt is None:
-            log.warning("AUTH refused unchecked: too many failed or pending logins from this client", extra={
+            log.warning("AUTH refused unchecked: too many failed logins from this client", extra={
                 "event": "auth_refused", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip})
             return await self._refuse_banned()
         try:

@@ -3,6 +3,7 @@ mechanism names, the health server and reload safety. Real sockets on loopback, 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import socket
@@ -175,9 +176,10 @@ def test_rotating_loopback_addresses_get_one_budget(relay_factory: RelayFactory,
 
 
 def test_parallel_burst_is_counted_before_it_is_checked(relay_factory: RelayFactory, checks: Checks) -> None:
-    """40 AUTHs sent at once from one address: only ``max`` reach the password check, the others are
-    refused (421 4.7.0) unchecked, and so is the right password sent while the burst is pending."""
+    """40 AUTHs sent at once from one address: only ``max`` reach the password check; the others wait
+    for those checks and, as they fail, are refused (421 4.7.0) unchecked: the right password too."""
     relay = relay_factory(limits={"auth_failures": {"max": 10, **FAST_TARPIT}})
+    limiter = relay.relay.listener_state.auth_limiter
     checks.gate.clear()  # hold every password check until all AUTHs are in
     clients = [RawSMTP(relay.port, source=f"127.0.1.{i + 1}") for i in range(40)]
     try:
@@ -185,30 +187,46 @@ def test_parallel_burst_is_counted_before_it_is_checked(relay_factory: RelayFact
             c.ehlo()
         for i, c in enumerate(clients[:39]):
             c.send(f"AUTH PLAIN {plain_blob(DEMO_USER, f'wrong-{i}')}\r\n".encode())
-        replies: dict[int, bytes] = {}
-
-        def read(i: int) -> None:
-            replies[i] = clients[i].reply()
-
-        with concurrent.futures.ThreadPoolExecutor(39) as pool:
-            futures = [pool.submit(read, i) for i in range(39)]
-            wait_until(lambda: len(replies) == 29, 30, "the AUTHs over the budget to be refused")
-            assert all(r.startswith(b"421 4.7.0") for r in replies.values()), replies
-            assert checks.count <= 10
-            # The right password, sent while 10 checks are pending: refused unchecked.
-            right = clients[39].cmd(f"AUTH PLAIN {plain_blob(DEMO_USER, DEMO_PASSWORD)}")
-            assert right.startswith(b"421 4.7.0")
-            checks.gate.set()
-            for f in futures:
-                f.result(30)
+        wait_until(lambda: limiter.waiting == 29, 30, "the AUTHs over the budget to wait")
+        clients[39].send(f"AUTH PLAIN {plain_blob(DEMO_USER, DEMO_PASSWORD)}\r\n".encode())
+        wait_until(lambda: limiter.waiting == 30, 30, "the right password to wait too")
+        assert checks.count <= 10
+        checks.gate.set()
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            replies = list(pool.map(lambda c: c.reply(), clients))
         assert checks.count == 10
-        codes = sorted(r[:3] for r in replies.values())
+        assert replies[39].startswith(b"421 4.7.0"), "refused without a check"
+        codes = sorted(r[:3] for r in replies[:39])
         # 29 refused unchecked; of the 10 checked, the 10th failure bans (and the ones still in the
         # tarpit when it does are refused with 421 too)
-        assert len(codes) == 39 and set(codes) <= {b"421", b"535"} and codes.count(b"421") >= 30
+        assert set(codes) <= {b"421", b"535"} and codes.count(b"421") >= 30
     finally:
         for c in clients:
             c.close()
+
+
+def test_parallel_logins_of_real_apps_all_get_in(relay_factory: RelayFactory, m365: SimulatedM365,
+                                                 checks: Checks) -> None:
+    """16 apps logging in at once with the right password (more than ``max``): the ones over the
+    budget wait for the checks before them and get in; nothing is refused."""
+    relay = relay_factory(limits={"auth_failures": {"max": 3, **FAST_TARPIT}})
+    limiter = relay.relay.listener_state.auth_limiter
+    checks.gate.clear()
+    clients = [RawSMTP(relay.port, source=f"127.0.3.{i + 1}") for i in range(16)]
+    try:
+        for c in clients:
+            c.ehlo()
+            c.send(f"AUTH PLAIN {plain_blob()}\r\n".encode())
+        wait_until(lambda: limiter.waiting == 13, 30, "the logins over the budget to wait")
+        checks.gate.set()
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda c: c.reply(), clients))
+        assert all(r.startswith(b"235") for r in replies), replies
+        assert clients[0].send_mail(STANDARD_MAILBOX, [RCPT], simple_body("after a login burst")).startswith(b"250")
+    finally:
+        for c in clients:
+            c.close()
+    assert len(m365.exchange.wait_for_messages(1)) == 1
 
 
 def test_a_success_does_not_reset_failures(relay_factory: RelayFactory) -> None:
@@ -237,23 +255,30 @@ def test_limiter_keys_loopback_as_one_client() -> None:
 
 
 def test_limiter_reserves_before_checking() -> None:
+    asyncio.run(_reserves_before_checking())
+
+
+async def _reserves_before_checking() -> None:
     now = [1000.0]
     lim = AuthLimiter(3, window=60, ban=300, clock=lambda: now[0])
-    pending = [lim.begin("192.0.2.1") for _ in range(3)]
-    assert all(p is not None for p in pending)
-    assert lim.begin("192.0.2.1") is None, "the budget is taken by checks still running"
-    assert lim.begin("192.0.2.2") is not None, "another client is not affected"
-    assert not lim.banned("192.0.2.1")
+    pending = [await lim.begin("192.0.2.1") for _ in range(3)]
     a, b, c = pending
     assert a is not None and b is not None and c is not None
-    lim.succeed(a)  # a success gives back its own slot only
-    assert (again := lim.begin("192.0.2.1")) is not None
+    fourth = asyncio.ensure_future(lim.begin("192.0.2.1"))
+    await asyncio.sleep(0)  # let it run up to its wait (a scheduling step, not a timing guess)
+    assert not fourth.done() and lim.waiting == 1, "the budget is held by checks still running"
+    assert await lim.begin("192.0.2.2") is not None, "another client is not affected"
+    lim.succeed(a)  # a success gives back its own slot only: the waiting check goes on
+    again = await asyncio.wait_for(fourth, 5)
+    assert again is not None
     assert lim.fail(b) == 1 and lim.fail(c) == 2
     assert not lim.banned("192.0.2.1"), "a check still running holds a slot but does not ban"
+    fifth = asyncio.ensure_future(lim.begin("192.0.2.1"))
+    await asyncio.sleep(0)
     assert lim.fail(again) == 3
-    assert lim.banned("192.0.2.1") and lim.begin("192.0.2.1") is None
+    assert lim.banned("192.0.2.1") and await asyncio.wait_for(fifth, 5) is None
     now[0] += 301
-    assert not lim.banned("192.0.2.1") and lim.begin("192.0.2.1") is not None
+    assert not lim.banned("192.0.2.1") and await lim.begin("192.0.2.1") is not None
 
 
 # ---- connection slots -------------------------------------------------------------------------------
