@@ -2,7 +2,8 @@
 
 What is ours here, and why aiosmtpd's defaults are not enough:
 - AUTH PLAIN / LOGIN are verified off the event loop (scrypt is slow on purpose) and remembered
-  safely (:class:`relay.passwords.VerifiedCache`); failures are counted per client address.
+  safely (:class:`relay.passwords.VerifiedCache`); attempts are counted per client (all of loopback
+  is one) before they are checked.
 - DATA streams into the spool as it arrives instead of buffering the whole message several times
   over, and only CRLF.CRLF ends it: a bare LF or CR before a dot never ends a message (SMTP
   smuggling), and the upstream side normalises line endings, so Exchange sees exactly one message.
