@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -428,7 +428,9 @@ class DeliverySettings(_Model):
 
 
 class AuthFailureSettings(_Model):
-    """Failed AUTH per client address: ``max`` failures within ``window`` ban the address for ``ban``.
+    """Failed AUTH per client (an address; all of loopback is one client, IPv6 by /64): ``max``
+    failures within ``window`` ban the client for ``ban``. An attempt takes its place in the count
+    before its password is checked; a successful login clears no failure.
 
     Each failure before that also delays the answer by ``delay`` x (failures so far), at most
     ``max_delay``: a password guesser slows down, an app with a typo barely notices."""
@@ -447,6 +449,10 @@ class LimitSettings(_Model):
     max_connections_per_address: int = Field(default=50, ge=1)
     idle_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
+    #: longest a client connection may last: a command after it gets 421 4.4.2 and the connection is
+    #: closed (a client sending NOOP every few seconds cannot keep a connection slot forever); one
+    #: still silent or in DATA then is closed ``data_timeout`` later at the latest.
+    max_session: Duration = Field(default=3600.0, gt=0)
     #: longest DATA line accepted. RFC 5321 says 998, but legacy apps write longer lines (HTML on one
     #: line) and Exchange Online accepts them, so the default is lenient; set 998 to be strict.
     line_length: int = Field(default=10000, ge=78)
@@ -597,22 +603,24 @@ def too_wide(network: str) -> bool:
     return net.prefixlen < OPEN_RELAY_MIN_PREFIX[net.version]
 
 
-def _refuse_open_relay(settings: Settings) -> None:
-    """Invariant 4: never start as an open relay.
+def open_relay_problem(settings: Settings, listening: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
+    """Invariant 4: never run as an open relay. ``listening`` is (host, address shown) of every
+    listener to judge: the file's own ``listen`` at start, the sockets actually bound on a reload
+    (a changed ``listen`` needs a restart, so the old sockets are the ones that take mail).
 
-    Refused: a listener reachable beyond loopback while mail without AUTH is accepted from a network
-    that is too wide (:func:`too_wide`). Each half alone is fine: a wide allowlist on a loopback-only
-    listener reaches nobody, and a public listener with ``accept.auth: required`` (or a narrow
-    allowlist) only takes mail from known users or hosts.
+    An open relay: a listener reachable beyond loopback while mail without AUTH is accepted from a
+    network that is too wide (:func:`too_wide`). Each half alone is fine: a wide allowlist on a
+    loopback-only listener reaches nobody, and a public listener with ``accept.auth: required`` (or a
+    narrow allowlist) only takes mail from known users or hosts. Returns (key, problem) or None.
     """
     if settings.accept.auth is AuthMode.REQUIRED:
-        return
-    public = [lst.address for lst in settings.listen if not is_loopback_host(lst.host)]
+        return None
+    public = [address for host, address in listening if not is_loopback_host(host)]
     if not public:
-        return
+        return None
     for i, rule in enumerate(settings.accept.networks):
         if too_wide(rule.network):
-            raise _KeyedError(
+            return (
                 f"accept.networks[{i}]",
                 f"{rule.network!r} lets anyone on the Internet send mail without a password through this relay "
                 f"(an open relay), and the relay listens beyond loopback on {', '.join(public)}. Fix: list only "
@@ -620,6 +628,13 @@ def _refuse_open_relay(settings: Settings) -> None:
                 "logs in, or listen on 127.0.0.1 only. Entries wider than /16 (IPv4) or /48 (IPv6) that contain "
                 "public addresses are refused.",
             )
+    return None
+
+
+def _refuse_open_relay(settings: Settings) -> None:
+    problem = open_relay_problem(settings, [(lst.host, lst.address) for lst in settings.listen])
+    if problem is not None:
+        raise _KeyedError(*problem)
 
 
 class _KeyedError(ValueError):

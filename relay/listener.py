@@ -2,7 +2,8 @@
 
 What is ours here, and why aiosmtpd's defaults are not enough:
 - AUTH PLAIN / LOGIN are verified off the event loop (scrypt is slow on purpose) and remembered
-  safely (:class:`relay.passwords.VerifiedCache`); failures are counted per client address.
+  safely (:class:`relay.passwords.VerifiedCache`); attempts are counted per client (all of loopback
+  is one) before they are checked.
 - DATA streams into the spool as it arrives instead of buffering the whole message several times
   over, and only CRLF.CRLF ends it: a bare LF or CR before a dot never ends a message (SMTP
   smuggling), and the upstream side normalises line endings, so Exchange sees exactly one message.
@@ -87,13 +88,21 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+#: The key every loopback client shares: one local process could otherwise pick any of the 16 million
+#: source addresses of 127.0.0.0/8 (and ::1, ::ffff:127.x) to get a fresh count each time.
+LOOPBACK_KEY = "loopback"
+
+
 def _ban_key(address: str) -> str:
-    """What a ban applies to: an IPv4 address, or the /64 of an IPv6 one (a single host is usually
-    given a whole /64, so banning one address of it would only make the attacker pick the next)."""
+    """What failures and bans are counted against: all of loopback as one client, an IPv4 address,
+    or the /64 of an IPv6 one (a single host is usually given a whole /64, so banning one address of
+    it would only make the attacker pick the next)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
+    if is_loopback(address):
+        return LOOPBACK_KEY
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
@@ -101,12 +110,34 @@ def _ban_key(address: str) -> str:
     return address
 
 
-class AuthLimiter:
-    """Counts failed AUTH per client address (per /64 for IPv6); ``max_failures`` failures within
-    ``window`` seconds ban the address for ``ban`` seconds (421 4.7.0 at connect and at AUTH).
+def slot_key(address: str) -> str:
+    """What ``limits.max_connections_per_address`` counts: an address, with all of loopback as one."""
+    return LOOPBACK_KEY if is_loopback(address) else address
 
-    Memory is bounded: at most ``max_tracked`` addresses are remembered (the oldest are forgotten
-    first), so a client cycling through many source addresses cannot grow it without limit.
+
+@dataclass(eq=False)
+class AuthAttempt:
+    """One AUTH being verified: it holds a slot of its client's failure budget until it is settled."""
+
+    key: str
+    at: float
+    failed: bool = False
+
+
+class AuthLimiter:
+    """Counts AUTH failures per client (:func:`_ban_key`: all of loopback is one client, IPv6 by /64);
+    ``max_failures`` failures within ``window`` seconds ban the client for ``ban`` seconds (421 4.7.0
+    at connect and at AUTH).
+
+    An attempt is counted *before* its password is checked (:meth:`begin` reserves a slot of the
+    budget): attempts still being verified hold a slot, so a parallel burst gets at most
+    ``max_failures`` passwords checked per window; the rest wait for those to settle and are refused
+    unchecked once failures fill the budget (or go on when successes give slots back). A successful login
+    gives back only its own slot: it never clears earlier failures, whoever logged in (another user's
+    success, or the guessed user's own app logging in between guesses, must not reset a guesser's count).
+
+    Memory is bounded: at most ``max_tracked`` clients are remembered (the oldest are forgotten first),
+    so a client cycling through many source addresses cannot grow it without limit.
     """
 
     def __init__(self, max_failures: int, window: float, ban: float,
@@ -116,41 +147,99 @@ class AuthLimiter:
         self.ban = ban
         self.max_tracked = max_tracked
         self._clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._failures: OrderedDict[str, deque[AuthAttempt]] = OrderedDict()
         self._banned_until: OrderedDict[str, float] = OrderedDict()
+        self._settle: asyncio.Event | None = None
+        #: AUTHs waiting for a check of their client to settle
+        self.waiting = 0
 
     def banned(self, address: str) -> bool:
-        address = _ban_key(address)
-        until = self._banned_until.get(address)
+        return self._banned(_ban_key(address))
+
+    def _banned(self, key: str) -> bool:
+        until = self._banned_until.get(key)
         if until is None:
             return False
         if self._clock() >= until:
-            del self._banned_until[address]
-            self._failures.pop(address, None)
+            del self._banned_until[key]
+            self._failures.pop(key, None)
             return False
         return True
 
-    def failed(self, address: str) -> int:
-        """Record a failure; returns how many failures this address has within the window."""
-        address = _ban_key(address)
+    def _counted(self, key: str) -> deque[AuthAttempt]:
+        """The client's attempts in the window (failures and ones being verified), most recent last."""
         now = self._clock()
-        q = self._failures.pop(address, None) or deque()
-        self._failures[address] = q  # most recent last
-        q.append(now)
-        while q and q[0] < now - self.window:
+        q = self._failures.pop(key, None) or deque()
+        self._failures[key] = q
+        while q and q[0].at < now - self.window:
             q.popleft()
-        if len(q) >= self.max_failures and address not in self._banned_until:
-            self._banned_until[address] = now + self.ban
-            log.warning("client address refused after repeated AUTH failures",
-                        extra={"event": "auth_banned", "client_ip": address, "failures": len(q),
-                               "ban_seconds": self.ban})
-        for table in (self._failures, self._banned_until):
-            while len(table) > self.max_tracked:
-                table.popitem(last=False)
-        return len(q)
+        while len(self._failures) > self.max_tracked:
+            self._failures.popitem(last=False)
+        return q
 
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(_ban_key(address), None)
+    async def begin(self, address: str) -> AuthAttempt | None:
+        """Reserve a slot of the client's budget for one password check. None: refuse without
+        checking (the client is banned, or its failures alone fill the budget). While checks still
+        running fill the budget, wait for one of them to settle: a success gives its slot back (ten
+        apps logging in at once all get in), a failure keeps it (a burst of guesses is refused)."""
+        key = _ban_key(address)
+        while True:
+            if self._banned(key):
+                return None
+            q = self._counted(key)
+            if len(q) < self.max_failures:
+                attempt = AuthAttempt(key, self._clock())
+                q.append(attempt)
+                return attempt
+            if all(a.failed for a in q):
+                return None
+            self.waiting += 1
+            try:
+                await self._settled().wait()
+            finally:
+                self.waiting -= 1
+
+    def _settled(self) -> asyncio.Event:
+        if self._settle is None:
+            self._settle = asyncio.Event()
+        return self._settle
+
+    def _notify(self) -> None:
+        if self._settle is not None:
+            self._settle.set()
+            self._settle = None
+
+    def fail(self, attempt: AuthAttempt) -> int:
+        """The checked password was wrong: its slot stays taken. Returns the client's failures in
+        the window; ``max_failures`` of them ban it (checks still running do not ban, they only
+        hold their slot)."""
+        attempt.failed = True
+        q = self._counted(attempt.key)
+        if attempt not in q:  # forgotten meanwhile (window over, or memory bound): count it again
+            q.append(AuthAttempt(attempt.key, self._clock(), failed=True))
+        failures = sum(a.failed for a in q)
+        if failures >= self.max_failures and attempt.key not in self._banned_until:
+            self._banned_until[attempt.key] = self._clock() + self.ban
+            log.warning("client refused after repeated AUTH failures",
+                        extra={"event": "auth_banned", "client_ip": attempt.key, "failures": failures,
+                               "ban_seconds": self.ban})
+            while len(self._banned_until) > self.max_tracked:
+                self._banned_until.popitem(last=False)
+        self._notify()
+        return failures
+
+    def succeed(self, attempt: AuthAttempt) -> None:
+        """The checked password was right: its own slot is given back, earlier failures stay."""
+        q = self._failures.get(attempt.key)
+        if q is not None and attempt in q:
+            q.remove(attempt)
+        self._notify()
+
+    def failed(self, address: str) -> int:
+        """Record a failure without a reservation (an attempt settled at once)."""
+        attempt = AuthAttempt(_ban_key(address), self._clock())
+        self._counted(attempt.key).append(attempt)
+        return self.fail(attempt)
 
 
 @dataclass
@@ -162,6 +251,8 @@ class ListenerState:
     intake: Intake
     auth_limiter: AuthLimiter
     verified: VerifiedCache = field(default_factory=VerifiedCache)
+    #: monotonic seconds, for the session limit (a test may turn it forward)
+    clock: Callable[[], float] = time.monotonic
     connections: int = 0
     per_address: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -184,6 +275,7 @@ _ENHANCED_BY_CODE = {
 _ENHANCED_2XX = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye"}
 _HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SESSION_TOO_LONG = "421 4.4.2 Session time limit reached, closing connection"
 _MAX_REPLY = 512
 
 
@@ -222,6 +314,11 @@ class _CheapIntrospection:
         return names
 
 
+#: RFC 6531 3.7.4.1: a non-ASCII address in a transaction whose MAIL did not say SMTPUTF8. Refused at
+#: once: accepted, it could never be delivered (Exchange refuses it the same way, on every retry).
+_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM"
+
+
 class RelayHandler(_CheapIntrospection):
     """aiosmtpd hooks: who may send (MAIL), to whom (RCPT), EHLO capabilities, errors."""
 
@@ -231,15 +328,17 @@ class RelayHandler(_CheapIntrospection):
     async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
-        keep = [r for r in responses if not r.startswith("250-AUTH") or server.auth_offered()]
+        keep = [r for r in responses if not r.startswith("250-AUTH") or server.offers_auth()]
         return [*keep[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", keep[-1]]
 
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
+        if not address.isascii() and "SMTPUTF8" not in mail_options:
+            return _NEEDS_SMTPUTF8
         txn = server.txn
         principal = server.principal()
         if principal is None:
-            if server.auth_offered():
+            if server.offers_auth():
                 return "530 5.7.0 Authentication required"
             return f"550 5.7.1 Relaying denied: {server.peer_ip} may not send through this relay"
         # aiosmtpd hands the null sender (bounces) over as "<>"; it stays that way in its envelope
@@ -281,6 +380,8 @@ class RelayHandler(_CheapIntrospection):
                           rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.state.settings.limits.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.state.settings.limits.max_recipients})"
+        if not address.isascii() and not envelope.smtp_utf8:
+            return _NEEDS_SMTPUTF8
         refusal = self.state.policy.check_recipient(address)
         if refusal is not None:
             return refusal.reply
@@ -314,6 +415,8 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         self.listen = listen
         self.txn = _Transaction()
         self._counted: str | None = None
+        self._session_ends = float("inf")
+        self._session_timer: asyncio.TimerHandle | None = None
         limits = self.state.settings.limits
         # Per connection, not aiosmtpd's class-wide dict (which every EHLO of every client grows).
         self.command_size_limit = limits.command_line_length
@@ -336,6 +439,40 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         self.command_size_limits = defaultdict(lambda: limits.command_line_length)
         if self.state.settings.accept.auth is AuthMode.NONE:
             self._auth_methods.clear()
+        self._smtp_methods = {name: self._within_session(name, method)
+                              for name, method in self._smtp_methods.items()}
+
+    def _within_session(self, name: str, method: Callable[[str], Any]) -> Callable[[str], Any]:
+        """Every command but QUIT is refused (421 4.4.2, then close) once the session is older than
+        limits.max_session."""
+        if name == "QUIT":
+            return method
+
+        @functools.wraps(method)  # HELP reads the syntax aiosmtpd attaches to each method
+        async def command(arg: str) -> None:
+            if self.state.clock() >= self._session_ends:
+                await self._end_session()
+                return
+            await method(arg)
+        return command
+
+    async def _end_session(self) -> None:
+        log.info("session closed: longer than limits.max_session", extra={
+            "event": "session_limit", "client_ip": self.peer_ip,
+            "max_session": self.state.settings.limits.max_session})
+        await self._refuse_connection(_SESSION_TOO_LONG)
+
+    def _session_expired(self) -> None:
+        """The hard stop, data_timeout after max_session: whatever the client is doing (silent,
+        dribbling DATA, stalled in AUTH), say why and close."""
+        self._session_timer = None
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            log.info("session closed: longer than limits.max_session", extra={
+                "event": "session_limit", "client_ip": self.peer_ip,
+                "max_session": self.state.settings.limits.max_session})
+            transport.write(_SESSION_TOO_LONG.encode() + b"\r\n")
+            transport.close()
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
@@ -397,27 +534,34 @@ class RelaySMTP(_CheapIntrospection, SMTP):
                         extra={"event": "connection_limit", "client_ip": ip, "limit": limits.max_connections})
             await self._refuse_connection("421 4.7.0 Too many connections, try again later")
             return
-        if state.per_address[ip] >= limits.max_connections_per_address:
+        slot = slot_key(ip)
+        if state.per_address[slot] >= limits.max_connections_per_address:
             log.warning("connection refused: too many connections from one address",
                         extra={"event": "connection_limit", "client_ip": ip,
                                "limit": limits.max_connections_per_address})
             await self._refuse_connection("421 4.7.0 Too many connections from your address, try again later")
             return
         state.connections += 1
-        state.per_address[ip] += 1
-        self._counted = ip
+        state.per_address[slot] += 1
+        self._counted = slot
+        self._session_ends = state.clock() + limits.max_session
+        self._session_timer = asyncio.get_running_loop().call_later(
+            limits.max_session + limits.data_timeout, self._session_expired)
         try:
             await super()._handle_client()
         finally:
             self._uncount()
 
     def _uncount(self) -> None:
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+            self._session_timer = None
         if self._counted is not None:
-            ip, self._counted = self._counted, None
+            slot, self._counted = self._counted, None
             self.state.connections -= 1
-            self.state.per_address[ip] -= 1
-            if self.state.per_address[ip] <= 0:
-                del self.state.per_address[ip]
+            self.state.per_address[slot] -= 1
+            if self.state.per_address[slot] <= 0:
+                del self.state.per_address[slot]
 
     def connection_lost(self, error: Exception | None) -> None:
         self._uncount()
@@ -435,7 +579,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
     def encrypted(self) -> bool:
         return self._tls_protocol is not None or self.listen.tls is TlsMode.IMPLICIT
 
-    def auth_offered(self) -> bool:
+    def offers_auth(self) -> bool:
         if not self._auth_methods or not self.state.settings.users:
             return False
         return self.encrypted or self.state.settings.accept.plaintext_auth == "anywhere" or is_loopback(
@@ -530,43 +674,46 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         return decoded
 
     async def _auth_precheck(self) -> AuthResult | None:
-        if not self.auth_offered():
+        if not self.offers_auth():
             if not self.encrypted and self._auth_methods and self.state.settings.users:
                 await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
             else:
                 await self.push("503 5.5.1 AUTH not available")
             return AuthResult(success=False, handled=True)
         if self.state.auth_limiter.banned(self.peer_ip):
-            await self.push("421 4.7.0 Too many failed logins from your address, try later")
-            if self.transport is not None:
-                self.transport.close()
-            return AuthResult(success=False, handled=True)
+            return await self._refuse_banned()
         return None
+
+    async def _refuse_banned(self) -> AuthResult:
+        await self.push("421 4.7.0 Too many failed logins from your address, try later")
+        if self.transport is not None:
+            self.transport.close()
+        return AuthResult(success=False, handled=True)
 
     async def _verify(self, login_b: bytes, password_b: bytes) -> AuthResult:
         state = self.state
         login = login_b.decode("utf-8", "replace")
         password = password_b.decode("utf-8", "surrogateescape")
-        user = state.policy.user(login)
-        ok = False
-        if user is not None:
-            if state.verified.hit(user.name, user.password_hash, password):
-                ok = True
-            else:
-                ok = await asyncio.to_thread(verify_password, password, user.password_hash)
-                if ok:
-                    state.verified.add(user.name, user.password_hash, password)
-        else:
-            # Same cost as a known user with a wrong password: the answer time does not tell a
-            # guesser which user names exist.
-            await asyncio.to_thread(verify_password, password, _dummy_hash(state.settings))
+        # Counted before it is checked: a parallel burst cannot get more passwords checked than the
+        # failure budget; the ones over it wait for those checks, then go on (successes) or are
+        # refused without a check (failures).
+        attempt = await state.auth_limiter.begin(self.peer_ip)
+        if attempt is None:
+            log.warning("AUTH refused unchecked: too many failed logins from this client", extra={
+                "event": "auth_refused", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip})
+            return await self._refuse_banned()
+        try:
+            ok = await self._check_password(login, password)
+        except BaseException:
+            state.auth_limiter.fail(attempt)  # a check cut short (client gone) still counts
+            raise
         if ok:
-            state.auth_limiter.succeeded(self.peer_ip)
+            state.auth_limiter.succeed(attempt)
             self.txn.user = login
             # DEBUG: every message's "received" line already names the user; failures stay WARNING.
             log.debug("client authenticated", extra={"event": "auth_ok", "user": login, "client_ip": self.peer_ip})
             return AuthResult(success=True, auth_data=LoginPassword(login_b, b""))
-        failures = state.auth_limiter.failed(self.peer_ip)
+        failures = state.auth_limiter.fail(attempt)
         log.warning("client authentication failed", extra={
             "event": "auth_failed", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip,
             "failures": failures})
@@ -575,11 +722,23 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         if delay > 0:
             await asyncio.sleep(delay)  # tarpit: slows password guessing, not a synchronisation
         if state.auth_limiter.banned(self.peer_ip):
-            await self.push("421 4.7.0 Too many failed logins from your address, try later")
-            if self.transport is not None:
-                self.transport.close()
-            return AuthResult(success=False, handled=True)
+            return await self._refuse_banned()
         return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+
+    async def _check_password(self, login: str, password: str) -> bool:
+        state = self.state
+        user = state.policy.user(login)
+        if user is None:
+            # Same cost as a known user with a wrong password: the answer time does not tell a
+            # guesser which user names exist.
+            await asyncio.to_thread(verify_password, password, _dummy_hash(state.settings))
+            return False
+        if state.verified.hit(user.name, user.password_hash, password):
+            return True
+        ok = await asyncio.to_thread(verify_password, password, user.password_hash)
+        if ok:
+            state.verified.add(user.name, user.password_hash, password)
+        return ok
 
     # ---- DATA ------------------------------------------------------------------------------
 

@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -110,6 +112,8 @@ class Metrics:
         self.hold = Gauge("relay_hold", "1 for each app or mailbox on hold, with the classifier's reason",
                           ["scope", "name", "reason"], registry=r)
         self.auth_failures = Counter("relay_client_auth_failures", "Failed client AUTH attempts", registry=r)
+        self.reloads = Counter("relay_reload", "Configuration reloads (SIGHUP), by result: applied, refused "
+                               "(would make an open relay), invalid (the file does not load)", ["result"], registry=r)
 
     def attempt(self, mailbox: str, reason: str, seconds: float) -> None:
         self.attempts.labels(reason).observe(seconds)
@@ -139,11 +143,69 @@ class Metrics:
         return bytes(generate_latest(self.registry))
 
 
+#: at most this many connections are served at once; more are closed at once (a thread each).
+HEALTH_MAX_CONNECTIONS = 16
+#: a connection gets this long, in all, to send its request and read the answer.
+HEALTH_REQUEST_TIMEOUT = 5.0
+
+
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``max_connections`` at once: the ones over it are closed
+    unanswered (a scraper retries; a client opening connections by the thousand gets no threads)."""
+
     daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128  # the listen backlog: connections wait their turn in order (5 by default)
+    max_connections = HEALTH_MAX_CONNECTIONS
+    request_timeout = HEALTH_REQUEST_TIMEOUT
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # a client that went away or timed out: nothing to report (and no traceback on stderr)
 
 
 class _QuietHandler(WSGIRequestHandler):
+    """Bounded in time: each read waits at most the request timeout, and the whole connection is
+    shut down when that much time has passed (a client sending a byte now and then cannot hold its
+    thread either)."""
+
+    server: _ThreadingWSGIServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout)
+        self._deadline = threading.Timer(self.server.request_timeout, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
+
     def log_message(self, format: str, *args: Any) -> None:
         return
 
@@ -155,13 +217,17 @@ class HealthServer:
     """``/metrics``, ``/healthz``, ``/readyz`` on a loopback address, in its own thread."""
 
     def __init__(self, host: str, port: int, metrics: Metrics, readiness: Readiness,
-                 refresh: Callable[[], None] | None = None) -> None:
+                 refresh: Callable[[], None] | None = None, *,
+                 max_connections: int = HEALTH_MAX_CONNECTIONS,
+                 request_timeout: float = HEALTH_REQUEST_TIMEOUT) -> None:
         self.metrics = metrics
         self.readiness = readiness
         self.refresh = refresh
-        self._server = make_server(host, port, self._app, server_class=_ThreadingWSGIServer,
+        server_class = type("_HealthWSGIServer", (_ThreadingWSGIServer,), {
+            "max_connections": max_connections, "request_timeout": request_timeout})
+        self._server: WSGIServer = make_server(host, port, self._app, server_class=server_class,
                                    handler_class=_QuietHandler)
-        self.port = self._server.server_port
+        self.port: int = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="health-http", daemon=True)
 
     def start(self) -> None:

@@ -24,7 +24,7 @@ import aiosmtplib
 
 from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
 from relay.committer import GroupCommitter
-from relay.config import Settings, load_settings, load_warnings, parse_host_port
+from relay.config import Settings, load_settings, load_warnings, open_relay_problem, parse_host_port
 from relay.data import BodySink
 from relay.delivery import Delivery
 from relay.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
@@ -75,6 +75,10 @@ def listener_tls(settings: Settings, config_file: str) -> ssl.SSLContext | None:
         raise ConfigError(config_file, "tls.cert_file",
                           f"cannot load the certificate {cert} with the key {key}: {reason}; both must be PEM "
                           "files readable by the relay's user, and the key must belong to the certificate") from None
+
+
+class ReloadRefused(ConfigError):
+    """A reload that would make the running relay an open relay: the running configuration stays."""
 
 
 def sd_notify(message: str) -> bool:
@@ -357,14 +361,35 @@ class Relay:
             await asyncio.sleep(interval)
             sd_notify("WATCHDOG=1")
 
+    def listening_addresses(self) -> list[tuple[str, str]]:
+        """(host, host:port) of every socket the listeners have bound (what takes mail right now)."""
+        bound: list[tuple[str, str]] = []
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                bound.append((str(host), f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"))
+        return bound
+
     async def reload(self, settings: Settings | None = None) -> None:
         """Apply new users, sender policy and limits without dropping connections or mail.
 
-        Apps, mailboxes, listeners and the spool path need a restart; a change there is logged."""
+        Apps, mailboxes, listeners and the spool path need a restart; a change there is logged.
+        The new file is judged against the listeners actually running (their sockets stay until a
+        restart): one that would make them an open relay raises :class:`ReloadRefused`, and the
+        running configuration stays, whole."""
         if settings is None:
             if self.config_path is None:
                 return
             settings = await asyncio.to_thread(load_settings, self.config_path)
+        problem = open_relay_problem(settings, self.listening_addresses())
+        if problem is not None:
+            key, text = problem
+            self.metrics.reloads.labels("refused").inc()
+            log.error("reload refused, the running configuration stays", extra={
+                "event": "reload_refused", "key": key, "error": text})
+            raise ReloadRefused(self.config_path or "<config>", key,
+                                f"{text} (judged against the listeners running now: a change of listen "
+                                "takes effect only after a restart)")
         restart_needed = [k for k in ("listen", "apps", "mailboxes", "spool", "tls")
                           if getattr(settings, k) != getattr(self.settings, k)]
         state = self.listener_state
@@ -375,6 +400,7 @@ class Relay:
             limits.max, limits.window, limits.ban)
         self.delivery.settings = settings
         self.settings = settings
+        self.metrics.reloads.labels("applied").inc()
         log.info("configuration reloaded", extra={"event": "reloaded", "restart_needed_for": restart_needed})
         if restart_needed:
             log.warning("some changes take effect only after a restart",
@@ -424,12 +450,13 @@ class Relay:
             await self.stop(grace=self.settings.delivery.stop_grace)
 
     async def _safe_reload(self) -> None:
-        from relay.errors import ConfigError
-
         sd_notify("RELOADING=1")
         try:
             await self.reload()
+        except ReloadRefused:
+            pass  # logged and counted by reload()
         except ConfigError as exc:
+            self.metrics.reloads.labels("invalid").inc()
             log.error("reload refused, the running configuration stays", extra={
                 "event": "reload_failed", "error": str(exc)})
         finally:

@@ -14,7 +14,7 @@ RCPT = "someone@fabrikam.example"
 FAST_TARPIT = {"delay": 0.001, "max_delay": 0.005}
 
 
-def test_fifty_wrong_passwords_ban_that_address_only(relay_factory: RelayFactory, m365: SimulatedM365) -> None:
+def test_fifty_wrong_passwords_ban_the_client(relay_factory: RelayFactory, m365: SimulatedM365) -> None:
     relay = relay_factory(limits={"auth_failures": {"max": 50, "window": 600, "ban": 900, **FAST_TARPIT}})
     attempts = 0
     refused = b""
@@ -37,11 +37,20 @@ def test_fifty_wrong_passwords_ban_that_address_only(relay_factory: RelayFactory
     with RawSMTP(relay.port, greet=False) as c:
         assert c.reply().startswith(b"421 4.7.0")
         assert c.closed()
-    # Another address authenticates and sends as usual.
+    # Every loopback address is the same client (one local process could rotate through 127/8);
+    # other addresses are unaffected (test_limiter_bans_an_ipv6_client_by_its_64_and_mapped_ipv4_as_ipv4).
+    with RawSMTP(relay.port, source="127.0.0.2", greet=False) as c:
+        assert c.reply().startswith(b"421 4.7.0")
+        assert c.closed()
+    state = relay.relay.listener_state
+    assert not state.auth_limiter.banned("192.0.2.1")
+    # When the ban is over, the right password works again.
+    later = state.auth_limiter._clock() + 901
+    state.auth_limiter._clock = lambda: later
     with RawSMTP(relay.port, source="127.0.0.2") as c:
         c.ehlo()
         c.login()
-        assert c.send_mail(STANDARD_MAILBOX, [RCPT], simple_body("other host")).startswith(b"250")
+        assert c.send_mail(STANDARD_MAILBOX, [RCPT], simple_body("after the ban")).startswith(b"250")
     assert len(m365.exchange.wait_for_messages(1)) == 1
 
 
@@ -59,14 +68,19 @@ def test_default_threshold_bans_before_fifty(relay_factory: RelayFactory) -> Non
         assert c.closed()
 
 
-def test_success_resets_the_count(relay_factory: RelayFactory) -> None:
+def test_success_does_not_reset_the_count(relay_factory: RelayFactory) -> None:
+    """A login between failures does not give a guesser a fresh count: the third failure in the
+    window bans, logins or not."""
     relay = relay_factory(limits={"auth_failures": {"max": 3, **FAST_TARPIT}})
-    for _ in range(3):
-        with RawSMTP(relay.port) as c:
-            c.ehlo()
-            assert c.cmd(f"AUTH PLAIN {plain_blob('erp', 'typo')}").startswith(b"535")
-            assert c.cmd(f"AUTH PLAIN {plain_blob('erp', 'typo')}").startswith(b"535")
-            c.login()
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        assert c.cmd(f"AUTH PLAIN {plain_blob('erp', 'typo')}").startswith(b"535")
+        assert c.cmd(f"AUTH PLAIN {plain_blob('erp', 'typo')}").startswith(b"535")
+        c.login()
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        assert c.cmd(f"AUTH PLAIN {plain_blob('erp', 'typo')}").startswith(b"421 4.7.0")
+        assert c.closed()
 
 
 def test_limiter_unit_window_ban_expiry_and_bound() -> None:
@@ -119,9 +133,17 @@ def test_connection_limits_total_and_per_address(relay_factory: RelayFactory, m3
     with RawSMTP(relay.port, greet=False) as a3:
         assert a3.reply().startswith(b"421 4.7.0")
         assert a3.closed()
+    # All of loopback is one address: another 127/8 source gets no more slots.
+    with RawSMTP(relay.port, source="127.0.0.2", greet=False) as b1:
+        assert b1.reply().startswith(b"421 4.7.0 Too many connections from your address")
+        assert b1.closed()
+    assert state.connections == 2
+    # The total: with a per-address limit above it, the total is what refuses.
+    state.settings = state.settings.model_copy(update={"limits": state.settings.limits.model_copy(
+        update={"max_connections_per_address": 10})})
     b1 = RawSMTP(relay.port, source="127.0.0.2")
     with RawSMTP(relay.port, source="127.0.0.3", greet=False) as c4:  # total reached
-        assert c4.reply().startswith(b"421 4.7.0")
+        assert c4.reply().startswith(b"421 4.7.0 Too many connections, try again later")
         assert c4.closed()
     assert state.connections == 3
     for c in (a1, a2, b1):
