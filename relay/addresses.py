@@ -109,8 +109,10 @@ def parse_addresses(value: str) -> tuple[str, ...] | None:
 
 
 
+#: ``<dot-atom@domain>`` and ESMTP parameters (each starting with a letter or digit: a "(" there would be
+#: a comment to the RFC 5322 parser).
 _SIMPLE_PATH = re.compile(
-    rf"<(?P<path>{_DOT_ATOM}@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*+)>(?: (?P<rest>[!-~]++(?: [!-~]++)*+))?+")
+    rf"<(?P<path>{_DOT_ATOM}@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*+)>(?: (?P<rest>[A-Za-z0-9][!-~]*+(?: [!-~]++)*+))?+")
 
 
 @functools.lru_cache(maxsize=1024)
