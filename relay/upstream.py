@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 
-from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
+from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply, timeout_text
 from relay.config import AppSettings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
@@ -333,6 +334,13 @@ class Submitter:
                 log.error("unexpected error talking to Exchange: %s", type(exc).__name__,
                           extra={"event": "upstream_error", "error_type": type(exc).__name__, "stage": str(stage)})
             verdict = classify_exception(exc, stage)
+            if isinstance(exc, TimeoutError) and verdict.reason == "timeout":
+                # Say which deadline passed, and where: "connected to smtp...:587, no SMTP greeting within 30s".
+                app = self._apps[route.app]
+                endpoint = f"{app.effective_smtp_host}:{app.smtp_port}"
+                verdict = dataclasses.replace(verdict, reply=timeout_text(exc, stage, endpoint, self._pool.timeout))
+                log.warning("no answer from Exchange: %s", verdict.reply, extra={
+                    "event": "upstream_timeout", "endpoint": endpoint, "stage": str(stage), "mailbox": route.mailbox})
             return Outcome(verdict=verdict, failed=failed, deferred=unresolved(verdict))
 
 
