@@ -43,7 +43,7 @@ from relay.errors import ConfigError, TokenError
 from relay.exchange_setup import admin_consent_url
 from relay.graph import check_graph_claims
 from relay.hints import STEPS, TLS_VERIFY_HINT, fill_placeholders, hint_for_aadsts, parse_aadsts
-from relay.tokens import Token, TokenProvider, build_http_session, http_failure
+from relay.tokens import Token, TokenProvider, build_http_session, host_of, http_failure
 from relay.upstream import tls_context_for
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -251,7 +251,7 @@ class _Walk:
                     exc2 = await call_with_deadline(lambda: _discovery_error(app), app.timeout + 1,
                                                     name="check-discovery")
                 except TimeoutError:
-                    exc2 = TokenError(app.name, "timeout", f"no answer from {app.effective_authority_host} "
+                    exc2 = TokenError(app.name, "timeout", f"no answer from {host_of(app.effective_authority_host)} "
                                       f"within {app.timeout:g}s", transient=True)
                 self._token_failed(app, name, exc2)
             if provider is not None:

@@ -313,14 +313,14 @@ def timeout_text(exc: BaseException, stage: Stage, endpoint: str, seconds: float
     """What a passed SMTP deadline means, naming the endpoint: no TCP connection, no greeting, no TLS
     handshake, or no answer to a command (``stage``) within ``seconds``."""
     message = exc.message if isinstance(exc, aiosmtplib.SMTPException) else ""
-    within = f"within {seconds:g}s"
+    where = f"no answer from {endpoint} within {seconds:g}s"
     if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
         if "ready message" in message:
-            return f"connected to {endpoint}, no SMTP greeting {within}"
-        return f"no TCP connection to {endpoint} {within}"
+            return f"{where}: connected, no SMTP greeting"
+        return f"{where}: no TCP connection"
     if "upgrading transport" in message:
-        return f"connected to {endpoint}, no TLS handshake {within}"
-    return f"no answer from {endpoint} {within} (at {stage})"
+        return f"{where}: connected, no TLS handshake"
+    return f"{where} (at {stage})"
 
 
 def classify_exception(exc: BaseException, stage: Stage) -> Verdict:

@@ -207,16 +207,18 @@ def http_failure(app: str, exc: requests.RequestException, url: str, timeout: fl
                           f"the certificate of {host} is not trusted; if a TLS-inspecting proxy re-signs it, set "
                           "token_ca_file to its CA", transient=False)
     if isinstance(exc, requests.exceptions.Timeout) or any(isinstance(e, TimeoutError) for e in chain):
+        where = f"no answer from {host}{via} within {within}"
         if "handshake operation timed out" in texts:
-            what = f"connected to {host}{via}, no TLS handshake within {within}"
+            what = f"{where}: connected, no TLS handshake"
         elif "read operation timed out" in texts:
-            what = f"no HTTP answer from {host}{via} within {within}"
+            what = f"{where}: connected, no HTTP answer"
         elif proxy and isinstance(exc, requests.exceptions.ReadTimeout):
-            what = f"the proxy {host_of(proxy)} accepted the connection but did not answer CONNECT within {within}"
+            what = (f"no answer from the proxy {host_of(proxy)} within {within}: it accepted the connection but"
+                    f" did not answer CONNECT {host}")
         elif isinstance(exc, requests.exceptions.ConnectTimeout):
-            what = f"no TCP connection to {host_of(proxy) if proxy else host} within {within}"
+            what = f"no answer from {host_of(proxy) if proxy else host} within {within}: no TCP connection"
         else:
-            what = f"no answer from {host}{via} within {within}"
+            what = where
         return TokenError(app, "timeout", what, transient=True)
     if isinstance(exc, requests.exceptions.ProxyError):
         refused = " (connection refused)" if "refused" in texts else ""

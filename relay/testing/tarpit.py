@@ -43,6 +43,7 @@ class Tarpit:
         self.tls_context = tls_context
         self._port = port
         self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
         self._lock = threading.Lock()
         self._held: set[socket.socket] = set()
         self._stopped = threading.Event()
@@ -54,15 +55,17 @@ class Tarpit:
     def start(self) -> Tarpit:
         listener = socket.create_server(("127.0.0.1", self._port), backlog=64)
         self._port = listener.getsockname()[1]
+        listener.settimeout(0.1)  # the accept loop looks at _stopped this often
         self._listener = listener
-        threading.Thread(target=self._accept_loop, name=f"tarpit-{self._port}", daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept_loop, name=f"tarpit-{self._port}", daemon=True)
+        self._acceptor.start()
         return self
 
     def stop(self) -> None:
+        """Close the listening socket (the port is free when this returns) and every held connection."""
         self._stopped.set()
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.close()
+        if self._acceptor is not None:
+            self._acceptor.join(timeout=5)
         with self._lock:
             held, self._held = set(self._held), set()
         for sock in held:
@@ -87,16 +90,26 @@ class Tarpit:
     # -- connections ---------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopped.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-                self._held.add(conn)
-            threading.Thread(target=self._serve, args=(conn, self.mode), daemon=True).start()
+        listener = self._listener
+        assert listener is not None
+        try:
+            while not self._stopped.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                conn.settimeout(None)
+                self._track(conn)
+        finally:
+            listener.close()
+
+    def _track(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.accepted += 1
+            self._held.add(conn)
+        threading.Thread(target=self._serve, args=(conn, self.mode), daemon=True).start()
 
     def _serve(self, conn: socket.socket, mode: str) -> None:
         try:
