@@ -391,14 +391,14 @@ async def stream_data(smtp: aiosmtplib.SMTP, source: Path | bytes,
         out = _wire_block(source, True)
         protocol.write(out + (b".\r\n" if out.endswith(b"\r\n") else b"\r\n.\r\n"))
     else:
-        await _stream_file(protocol, source)
+        await _stream_file(protocol, source, command_timeout)
     response = await protocol.read_response(timeout=command_timeout)
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
 
 
-async def _stream_file(protocol: Any, path: Path) -> None:
+async def _stream_file(protocol: Any, path: Path, command_timeout: float) -> None:
     drain = getattr(protocol, "_drain_helper", None)  # flow control: wait while the socket buffer is full
     at_line_start = True
     last = b"\n"
@@ -423,7 +423,11 @@ async def _stream_file(protocol: Any, path: Path) -> None:
                 at_line_start = block.endswith(b"\n")
                 last = out[-2:] if len(out) >= 2 else last + out
                 if drain is not None:
-                    await drain()
+                    # A server that stops reading mid-message must not hold the attempt forever.
+                    try:
+                        await asyncio.wait_for(drain(), command_timeout)
+                    except TimeoutError:
+                        raise aiosmtplib.SMTPTimeoutError("Timed out sending the message data") from None
             if not chunk:
                 break
     protocol.write(b".\r\n" if last.endswith(b"\r\n") else b"\r\n.\r\n")

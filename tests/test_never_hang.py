@@ -347,3 +347,48 @@ def test_token_session_puts_the_timeout_on_every_request(m365: SimulatedM365, tm
             TimeoutSession(1).get(f"http://127.0.0.1:{tarpit.port}/")
         assert time.monotonic() - started < 5
         assert "timed out" in str(caught.value).lower()
+
+
+async def test_data_to_a_server_that_stops_reading_ends_at_the_command_timeout(tmp_path: Path) -> None:
+    """After 354 the server reads nothing more: the socket buffers fill and the stream must not wait forever."""
+    import asyncio
+
+    import aiosmtplib
+
+    from relay.upstream import stream_data
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        writer.write(b"220 stall.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith(b"DATA"):
+                writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                return  # and never read again
+            writer.write(b"250 stall.test\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(stalling, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    body = tmp_path / "big.eml"
+    line = b"x" * 998 + b"\r\n"
+    with body.open("wb") as f:
+        for _ in range(64):
+            f.write(b"Subject: big\r\n\r\n" + line * 1024)  # 64 MiB: more than any socket buffers hold
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=5)
+    try:
+        await smtp.connect()
+        await smtp.ehlo()
+        started = time.monotonic()
+        with pytest.raises(aiosmtplib.SMTPTimeoutError):
+            async with asyncio.timeout(30):
+                await stream_data(smtp, body, 1.0)
+        assert time.monotonic() - started < 15
+    finally:
+        smtp.close()
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
