@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import socket
@@ -307,7 +308,11 @@ class _Walk:
         detail = f"{exc.error}{code}: {_clean_description(exc)}"
         hint = hint_for_aadsts(exc.aadsts, exc.description)
         step = _token_admin_step(exc)
-        if exc.transient and exc.error in ("timeout", "tls_handshake_failed"):
+        if exc.transient and exc.error in ("timeout", "tls_handshake_failed") and "proxy" in exc.description:
+            hint = ("The HTTPS proxy for Entra ID (apps[].proxy, HTTPS_PROXY) accepted the connection but did not"
+                    f" answer or forward it: check that it allows CONNECT to {host_of(app.effective_authority_host)}"
+                    " and that it can reach it; apps[].timeout bounds the wait.")
+        elif exc.transient and exc.error in ("timeout", "tls_handshake_failed"):
             hint = (f"Entra ID ({app.effective_authority_host}) accepted the connection but did not answer: a"
                     " firewall that drops the traffic, or a TLS-inspecting proxy that swallows it. Check the"
                     " firewall and the HTTPS proxy (apps[].proxy, HTTPS_PROXY); apps[].timeout bounds the wait.")
@@ -519,6 +524,8 @@ async def check_online(settings: Settings, checks: Checklist, send_to: str | Non
 def run_check(args: argparse.Namespace) -> int:
     """Exit 0 when every step passes, 1 when one fails, 2 when the configuration itself is invalid."""
     checks = Checklist()
+    # The steps say what went wrong; the relay's own warnings (token_failed...) would repeat it on stderr.
+    logging.getLogger("relay").addHandler(logging.NullHandler())
     if not getattr(args, "json", False):
         # Text output: each step as it ends, the summary at the end.
         checks.on_step = lambda step: print(Checklist.render_step(step), flush=True)
