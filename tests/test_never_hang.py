@@ -392,3 +392,20 @@ async def test_data_to_a_server_that_stops_reading_ends_at_the_command_timeout(t
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+def test_docs_show_a_real_silent_token_endpoint_run(m365: SimulatedM365, tmp_path: Path,
+                                                    silence: Callable[[str], Silence]) -> None:
+    """docs/check.md shows the run of check against a token endpoint that never answers: keep it in step."""
+    import re
+
+    silent = silence("token")
+    config = config_with(m365, tmp_path, silent)
+    out = run_cli("check", "-c", str(config)).stdout
+    text = out.replace(str(config), "config.yaml").replace(f"within {TIMEOUT}s", "within 30s")
+    text = text.replace(f"localhost:{silent.port}", "login.microsoftonline.com")
+    text = re.sub(r"localhost:\d+", "smtp.office365.com:587", text)
+    snapshot = (ROOT / "docs" / "check.md").read_text()
+    assert "[FAIL] token for app contoso" in text, text
+    for line in text.splitlines():
+        assert line in snapshot, f"docs/check.md is out of date; missing line:\n{line}"
