@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from relay.testing.harness import RelayProcess, free_port, relay_config, wait_until, write_config
-from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_TENANT, SimulatedM365
 from relay.testing.tarpit import SilentProxy, Tarpit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +79,10 @@ class Silence:
             self.port = m365.entra.port
             m365.entra.stop()
             self.tarpit = Tarpit(port=self.port).start()
+        elif kind == "token-tls":
+            # TLS handshake done, then nothing: no HTTP answer.
+            self.tarpit = Tarpit(mode="tls-silent", tls_context=m365.certs.server_context()).start()
+            self.port = self.tarpit.port
         elif kind == "smtp":
             self.tarpit = Tarpit(target=("127.0.0.1", m365.smtp_port)).start()
             self.port = self.tarpit.port
@@ -87,6 +91,8 @@ class Silence:
             self.port = self.proxy.port
 
     def app_overrides(self) -> dict[str, Any]:
+        if self.kind == "token-tls":
+            return {"authority_host": f"https://localhost:{self.port}"}
         if self.kind == "smtp":
             return {"smtp_port": self.port}
         if self.kind.startswith("proxy"):
@@ -148,6 +154,7 @@ def config_with(m365: SimulatedM365, tmp_path: Path, silence: Silence, *, port: 
 CHECK_CASES = {
     # kind: (failing step kind, what its detail says)
     "token": ("token", "connected, no TLS handshake"),
+    "token-tls": ("token", "connected, no HTTP answer"),
     "smtp": ("tcp", "connected, no SMTP greeting"),
     "proxy-silent": ("token", "accepted the connection but did not answer CONNECT"),
     "proxy-blackhole": ("token", "connected, no TLS handshake"),
@@ -330,6 +337,63 @@ def test_sigterm_ends_serve_within_stop_grace_while_an_attempt_waits_on_silence(
     # The message was not lost: the next start finds it in the spool.
     listed = json.loads(run_cli("queue", "-c", str(config), "--json", "list").stdout)
     assert len(listed) == 1 and listed[0]["state"] in ("queued", "active"), listed
+
+
+def test_graph_endpoint_that_never_answers_defers_then_delivers(m365: SimulatedM365, tmp_path: Path) -> None:
+    from relay.testing.harness import RelayThread
+
+    m365.entra.set_graph_roles(STANDARD_TENANT, STANDARD_CLIENT_ID, ["Mail.Send"])
+    graph_port = int(m365.graph_host.rsplit(":", 1)[1])
+    with Tarpit(target=("127.0.0.1", graph_port)) as tarpit:
+        base = relay_config(m365, tmp_path)
+        app = dict(base["apps"][0], graph_host=f"https://localhost:{tarpit.port}")
+        mbx = {"address": STANDARD_MAILBOX, "app": "contoso", "transport": "graph"}
+        config = relay_config(m365, tmp_path, overrides={
+            "apps": [app], "mailboxes": [mbx],
+            "delivery": {"sync_wait": 10, "timeout": TIMEOUT, "retry": {"first": 1, "max": 2}}})
+        with RelayThread.from_dict(config) as relay:
+            started = time.monotonic()
+            code, text = send(relay.port, "graph is silent")
+            assert code == 250 and "queued as" in text, text
+            assert time.monotonic() - started < 2 * TIMEOUT + 4
+            entry = relay.relay.spool.get(text.rsplit(" ", 1)[-1])
+            assert entry is not None and entry.attempts == 1, entry
+            assert entry.last_reply == f"Microsoft Graph: no answer from localhost:{tarpit.port} within {TIMEOUT}s"
+            assert m365.graph.accepted == []
+            tarpit.mode = "forward"
+            wait_until(lambda: len(m365.graph.accepted) == 1, 30, "delivery once Graph answers")
+
+
+def test_call_with_deadline_leaves_no_thread_behind_the_caller() -> None:
+    import asyncio
+    import threading
+
+    from relay.blocking import call_with_deadline
+
+    release = threading.Event()
+    names: list[str] = []
+
+    def stuck() -> str:
+        names.append(threading.current_thread().name)
+        assert threading.current_thread().daemon, "a stuck call must not keep the process alive"
+        release.wait(30)
+        return "late"
+
+    def boom() -> str:
+        raise ValueError("from the thread")
+
+    async def main() -> None:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await call_with_deadline(stuck, 0.3, name="stuck-call")
+        assert time.monotonic() - started < 5
+        assert await call_with_deadline(lambda: "quick", 5) == "quick"
+        with pytest.raises(ValueError, match="from the thread"):
+            await call_with_deadline(boom, 5)
+
+    asyncio.run(main())
+    assert names == ["stuck-call"]
+    release.set()  # the stuck thread finishes after its caller gave up: its result goes nowhere
 
 
 def test_token_session_puts_the_timeout_on_every_request(m365: SimulatedM365, tmp_path: Path) -> None:
