@@ -21,6 +21,7 @@ Why this shape:
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import ssl
 import threading
@@ -230,6 +231,10 @@ def http_failure(app: str, exc: requests.RequestException, url: str, timeout: fl
         what = (f"{host}{via} closed the connection during the TLS handshake" if closed
                 else f"TLS handshake with {host}{via} failed")
         return TokenError(app, "tls_handshake_failed", what, transient=True)
+    if any(isinstance(e, ConnectionResetError | ConnectionAbortedError | http.client.RemoteDisconnected)
+           for e in chain):
+        return TokenError(app, "connection_closed", f"{host}{via} closed the connection before answering",
+                          transient=True)
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
         return TokenError(app, "unreachable", f"cannot reach {host}: connection refused", transient=True)
     return TokenError(app, "unreachable", f"cannot reach {host}: {type(exc).__name__}", transient=True)

@@ -234,7 +234,8 @@ def test_check_says_connection_refused_and_peer_closed_apart_from_certificates(
         report = json.loads(run_cli("check", "-c", str(config), "--json").stdout)
         token = next(s for s in report["steps"] if s["kind"] == "token")
         assert token["status"] == "fail"
-        assert "closed the connection during the TLS handshake" in token["detail"], token
+        # (during the TLS handshake, or a reset before it: which one depends on timing)
+        assert "closed the connection" in token["detail"], token
         assert "not trusted" not in token["detail"] and token["admin_step"] is None, token
 
         refused = dict(base["apps"][0], timeout=TIMEOUT, smtp_port=free_port())
