@@ -7,6 +7,13 @@ with the PowerShell or portal action filled in from the config.
 
 The token is decoded for inspection, never printed; neither is any secret. A step that cannot run
 because an earlier one failed is shown as SKIP, so the first FAIL is the one to fix first.
+
+Each line is printed as soon as its step ends, and no step waits forever: the token steps have
+``apps[].timeout`` (discovery and token request, through relay.tokens), the SMTP steps
+``delivery.timeout`` (at most 30 s) for the connection, the greeting, the TLS handshake and each
+command. A failure says what actually happened: "connection refused", "connected, no SMTP greeting
+within 30s", "connected, no TLS handshake within 30s", "no HTTP answer from ... within 30s",
+"certificate verification failed".
 """
 
 from __future__ import annotations
@@ -14,11 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
+import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -27,14 +37,15 @@ from typing import Any
 import aiosmtplib
 import requests
 
-from relay.classify import Stage, classify_exception, classify_reply
+from relay.blocking import call_with_deadline
+from relay.classify import Stage, classify_exception, classify_reply, timeout_text
 from relay.config import AppSettings, Settings, load_settings, load_warnings
 from relay.errors import ConfigError, TokenError
 from relay.exchange_setup import admin_consent_url
 from relay.graph import check_graph_claims
 from relay.hints import STEPS, TLS_VERIFY_HINT, fill_placeholders, hint_for_aadsts, parse_aadsts
 from relay.spool import running_user, writable_problem
-from relay.tokens import Token, TokenProvider, build_http_session
+from relay.tokens import Token, TokenProvider, build_http_session, host_of, http_failure
 from relay.upstream import tls_context_for
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -66,13 +77,21 @@ class Step:
 @dataclass
 class Checklist:
     steps: list[Step] = field(default_factory=list)
+    #: called with each step as it is added: the text output prints it at once (a slow or silent
+    #: endpoint further down the chain does not hide what already passed or failed).
+    on_step: Callable[[Step], None] | None = None
+
+    def _append(self, step: Step) -> None:
+        self.steps.append(step)
+        if self.on_step is not None:
+            self.on_step(step)
 
     def add(self, name: str, ok: bool, detail: str = "", hint: str = "", **kw: Any) -> bool:
-        self.steps.append(Step(name, ok, detail, hint, **kw))
+        self._append(Step(name, ok, detail, hint, **kw))
         return ok
 
     def skip(self, name: str, why: str, **kw: Any) -> None:
-        self.steps.append(Step(name, False, why, "", status=SKIP, **kw))
+        self._append(Step(name, False, why, "", status=SKIP, **kw))
 
     @property
     def ok(self) -> bool:
@@ -81,21 +100,24 @@ class Checklist:
     def first_failure(self) -> Step | None:
         return next((s for s in self.steps if s.status == FAIL), None)
 
-    def render(self) -> str:
-        lines = []
-        for s in self.steps:
-            mark = {PASS: "PASS", FAIL: "FAIL", SKIP: "SKIP"}[s.status]
-            lines.append(f"[{mark}] {s.name}" + (f": {s.detail}" if s.detail else ""))
-            if s.hint and s.status == FAIL:
-                lines.extend(f"       {line}" if line else "" for line in s.hint.splitlines())
+    @staticmethod
+    def render_step(s: Step) -> str:
+        mark = {PASS: "PASS", FAIL: "FAIL", SKIP: "SKIP"}[s.status]
+        lines = [f"[{mark}] {s.name}" + (f": {s.detail}" if s.detail else "")]
+        if s.hint and s.status == FAIL:
+            lines.extend(f"       {line}" if line else "" for line in s.hint.splitlines())
+        return "\n".join(lines)
+
+    def summary(self) -> str:
         failed = [s for s in self.steps if s.status == FAIL]
         if not failed:
-            lines.append("all checks passed")
-        else:
-            first = failed[0]
-            where = f" (admin step {first.admin_step})" if first.admin_step else ""
-            lines.append(f"{len(failed)} check(s) failed; fix the first one first: {first.name}{where}")
-        return "\n".join(lines)
+            return "all checks passed"
+        first = failed[0]
+        where = f" (admin step {first.admin_step})" if first.admin_step else ""
+        return f"{len(failed)} check(s) failed; fix the first one first: {first.name}{where}"
+
+    def render(self) -> str:
+        return "\n".join([*(self.render_step(s) for s in self.steps), self.summary()])
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "steps": [asdict(s) for s in self.steps]}
@@ -184,8 +206,8 @@ def _discovery_error(app: AppSettings) -> TokenError:
         except ValueError:
             body = {}
     except requests.RequestException as exc:
-        return TokenError(app.name, "unreachable",
-                          f"cannot reach {app.effective_authority_host}: {type(exc).__name__}", transient=True)
+        return http_failure(app.name, exc, app.effective_authority_host, app.timeout,
+                            proxy=session.proxies.get("https"))
     finally:
         session.close()
     codes = body.get("error_codes") or []
@@ -227,7 +249,12 @@ class _Walk:
             except (ValueError, requests.RequestException):
                 # MSAL fetches the OIDC metadata at construction: an unknown tenant, or an
                 # unreachable Entra ID, lands here without an AADSTS code; ask for it ourselves.
-                exc2 = await asyncio.to_thread(_discovery_error, app)
+                try:
+                    exc2 = await call_with_deadline(lambda: _discovery_error(app), app.timeout + 1,
+                                                    name="check-discovery")
+                except TimeoutError:
+                    exc2 = TokenError(app.name, "timeout", f"no answer from {host_of(app.effective_authority_host)} "
+                                      f"within {app.timeout:g}s", transient=True)
                 self._token_failed(app, name, exc2)
             if provider is not None:
                 try:
@@ -282,7 +309,15 @@ class _Walk:
         detail = f"{exc.error}{code}: {_clean_description(exc)}"
         hint = hint_for_aadsts(exc.aadsts, exc.description)
         step = _token_admin_step(exc)
-        if exc.transient:
+        if exc.transient and exc.error in ("timeout", "tls_handshake_failed") and "proxy" in exc.description:
+            hint = ("The HTTPS proxy for Entra ID (apps[].proxy, HTTPS_PROXY) accepted the connection but did not"
+                    f" answer or forward it: check that it allows CONNECT to {host_of(app.effective_authority_host)}"
+                    " and that it can reach it; apps[].timeout bounds the wait.")
+        elif exc.transient and exc.error in ("timeout", "tls_handshake_failed"):
+            hint = (f"Entra ID ({app.effective_authority_host}) accepted the connection but did not answer: a"
+                    " firewall that drops the traffic, or a TLS-inspecting proxy that swallows it. Check the"
+                    " firewall and the HTTPS proxy (apps[].proxy, HTTPS_PROXY); apps[].timeout bounds the wait.")
+        elif exc.transient:
             hint = (f"Entra ID ({app.effective_authority_host}) could not be reached or answered with a"
                     " temporary error: check DNS, the firewall and the HTTPS proxy (apps[].proxy, HTTPS_PROXY),"
                     " then try again.")
@@ -290,10 +325,14 @@ class _Walk:
             hint += f"\n{fill(STEPS[step].fix, app)}"
         self.checks.add(name, False, detail, hint, kind="token", admin_step=step, app=app.name)
 
+    @property
+    def smtp_timeout(self) -> float:
+        """Deadline of each SMTP wait (connect, greeting, TLS handshake, each command)."""
+        return min(self.settings.delivery.timeout, 30.0)
+
     def _smtp(self, app: AppSettings) -> aiosmtplib.SMTP:
         return aiosmtplib.SMTP(hostname=app.effective_smtp_host, port=app.smtp_port, start_tls=False,
-                               local_hostname=self.settings.hostname or None,
-                               timeout=min(self.settings.delivery.timeout, 30.0))
+                               local_hostname=self.settings.hostname or None, timeout=self.smtp_timeout)
 
     async def _open(self, app: AppSettings) -> aiosmtplib.SMTP:
         smtp = self._smtp(app)
@@ -312,11 +351,17 @@ class _Walk:
             try:
                 greeting = await smtp.connect()
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-                verdict = classify_exception(exc, Stage.CONNECT)
-                c.add(f"TCP connection to {host}", False, verdict.reply,
-                      f"This host cannot open TCP {app.smtp_port} to {app.effective_smtp_host}: check DNS, the"
-                      " firewall (outbound 587 is often blocked) and apps[].smtp_host/smtp_port.",
-                      kind="tcp", app=app.name)
+                if isinstance(exc, TimeoutError):
+                    detail = timeout_text(exc, Stage.CONNECT, host, self.smtp_timeout)
+                else:
+                    detail = _connect_problem(exc) or classify_exception(exc, Stage.CONNECT).reply
+                hint = (f"This host cannot open TCP {app.smtp_port} to {app.effective_smtp_host}: check DNS, the"
+                        " firewall (outbound 587 is often blocked) and apps[].smtp_host/smtp_port.")
+                if "no SMTP greeting" in detail:
+                    hint = (f"{host} accepted the TCP connection but never greeted: a firewall or middlebox that"
+                            " swallows SMTP, or apps[].smtp_host/smtp_port point at something that is not an"
+                            " SMTP server (Exchange Online: smtp.office365.com:587).")
+                c.add(f"TCP connection to {host}", False, detail, hint, kind="tcp", app=app.name)
                 c.skip(f"STARTTLS to {host}", "no TCP connection", kind="starttls", app=app.name)
                 return False
             c.add(f"TCP connection to {host}", True, f"{greeting.code} {greeting.message.split(' ', 1)[0]}",
@@ -328,8 +373,9 @@ class _Walk:
                 await smtp.starttls(tls_context=tls_context_for(app))
                 await smtp.ehlo()
             except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-                detail = _tls_problem(exc)
-                hint = TLS_VERIFY_HINT if "certificate" in detail.lower() else (
+                detail = (timeout_text(exc, Stage.STARTTLS, host, self.smtp_timeout) if isinstance(exc, TimeoutError)
+                          else _tls_problem(exc))
+                hint = TLS_VERIFY_HINT if detail.startswith("certificate verification failed") else (
                     "STARTTLS failed: check that apps[].smtp_host/smtp_port point at Exchange Online"
                     " (smtp.office365.com:587) and that no middlebox strips STARTTLS.")
                 if app.smtp_ca_file:
@@ -356,8 +402,10 @@ class _Walk:
         try:
             smtp = await self._open(app)
         except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-            c.add(name, False, f"could not reconnect: {_tls_problem(exc)}", kind="auth", app=app.name,
-                  mailbox=mailbox)
+            host = f"{app.effective_smtp_host}:{app.smtp_port}"
+            why = (timeout_text(exc, Stage.CONNECT, host, self.smtp_timeout) if isinstance(exc, TimeoutError)
+                   else _tls_problem(exc))
+            c.add(name, False, f"could not reconnect: {why}", kind="auth", app=app.name, mailbox=mailbox)
             return
         try:
             try:
@@ -424,14 +472,37 @@ def _strip_trace(message: str) -> str:
     return re.sub(r"\s*\[[^\]]*\]\s*$", "", message).strip()
 
 
-def _tls_problem(exc: BaseException) -> str:
+def _causes(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
     cause: BaseException | None = exc
-    while cause is not None:
+    while cause is not None and len(out) < 10 and all(cause is not e for e in out):
+        out.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return out
+
+
+def _connect_problem(exc: BaseException) -> str:
+    """'connection refused' / 'host name not found' / 'connection closed by the server', or ''."""
+    for cause in _causes(exc):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return f"host name not found ({cause.strerror})"
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected) or "Connection lost" in str(exc):
+        return "connected, then the server closed the connection without a greeting"
+    return ""
+
+
+def _tls_problem(exc: BaseException) -> str:
+    """Certificate not trusted versus a handshake that failed or a peer that hung up: only the first
+    is the trust store's business."""
+    for cause in _causes(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"certificate verification failed: {cause.verify_message or cause.reason}"
+        if isinstance(cause, ssl.SSLEOFError | ConnectionResetError | aiosmtplib.SMTPServerDisconnected):
+            return "the server closed the connection during the TLS handshake"
         if isinstance(cause, ssl.SSLError):
             return f"TLS handshake failed: {cause.reason or cause}"
-        cause = cause.__cause__ or cause.__context__
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
@@ -459,6 +530,11 @@ def run_check(args: argparse.Namespace) -> int:
     # credential behind it is left unread (and said so) rather than refused; the unit's ExecStartPre
     # has the variable and reads it.
     unread: list[str] | None = [] if offline else None
+    # The steps say what went wrong; the relay's own warnings (token_failed...) would repeat it on stderr.
+    logging.getLogger("relay").addHandler(logging.NullHandler())
+    if not getattr(args, "json", False):
+        # Text output: each step as it ends, the summary at the end.
+        checks.on_step = lambda step: print(Checklist.render_step(step), flush=True)
     try:
         settings = load_settings(args.config, unread_credentials=unread)
     except ConfigError as exc:
@@ -530,5 +606,7 @@ def _note(text: str) -> None:
 def _output(args: argparse.Namespace, checks: Checklist) -> None:
     if getattr(args, "json", False):
         print(json.dumps(checks.as_dict(), indent=2))
+    elif checks.on_step is not None:
+        print(checks.summary(), flush=True)  # the steps are printed already
     else:
         print(checks.render(), file=sys.stdout)

@@ -50,6 +50,7 @@ __all__ = [
     "classify_recipients",
     "classify_reply",
     "parse_enhanced",
+    "timeout_text",
 ]
 
 #: seconds; what the rules dictate. The scheduler's backoff applies when a verdict says None.
@@ -306,6 +307,20 @@ def _smtp_text(exc: aiosmtplib.SMTPException) -> str:
     # aiosmtplib's own messages ("Connection lost", "Timed out waiting for server response",
     # "Error connecting to host on port 587: [Errno 111] Connection refused") carry no secrets.
     return _clean(f"{type(exc).__name__}: {exc.message}")
+
+
+def timeout_text(exc: BaseException, stage: Stage, endpoint: str, seconds: float) -> str:
+    """What a passed SMTP deadline means, naming the endpoint: no TCP connection, no greeting, no TLS
+    handshake, or no answer to a command (``stage``) within ``seconds``."""
+    message = exc.message if isinstance(exc, aiosmtplib.SMTPException) else ""
+    where = f"no answer from {endpoint} within {seconds:g}s"
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
+        if "ready message" in message:
+            return f"{where}: connected, no SMTP greeting"
+        return f"{where}: no TCP connection"
+    if "upgrading transport" in message:
+        return f"{where}: connected, no TLS handshake"
+    return f"{where} (at {stage})"
 
 
 def classify_exception(exc: BaseException, stage: Stage) -> Verdict:

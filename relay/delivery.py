@@ -296,12 +296,20 @@ class Delivery:
             if block is not None:
                 if block.kind == "pause" and self.clock() >= block.until:
                     del self.blocks[key]
+                    if block.scope == "app":
+                        self._publish_holds()  # queue holds shows app pauses: this one is over
                     continue
                 return block
         return None
 
     def holds(self) -> list[Block]:
         return [b for b in self.blocks.values() if b.kind == "hold"]
+
+    def app_pauses(self) -> list[Block]:
+        """Pauses of a whole app still in force (its token endpoint or upstream does not answer):
+        nothing moves through that app meanwhile, so /readyz and ``queue holds`` show them."""
+        now = self.clock()
+        return [b for b in self.blocks.values() if b.kind == "pause" and b.scope == "app" and now < b.until]
 
     def _publish_holds(self) -> None:
         """Holds changed: update the metrics, and (in the background) the spool's holds.json that
@@ -317,8 +325,8 @@ class Delivery:
             self._spawn(self._write_holds())
 
     def _holds_snapshot(self) -> list[dict[str, Any]]:
-        return [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint,
-                 "since": b.since} for b in self.holds()]
+        return [{"kind": b.kind, "scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply,
+                 "hint": b.hint, "since": b.since} for b in [*self.holds(), *self.app_pauses()]]
 
     async def _write_holds(self) -> None:
         try:

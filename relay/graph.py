@@ -46,11 +46,12 @@ from urllib.parse import quote
 import jwt
 import requests
 
+from relay.blocking import call_with_deadline
 from relay.classify import Action, Scope, Stage, Verdict, classify_exception
 from relay.config import AppSettings, MailboxSettings, Settings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
-from relay.tokens import Token, TokenProvider, _proxy_from_environment
+from relay.tokens import Token, TokenProvider, _proxy_from_environment, host_of
 from relay.upstream import Outcome
 
 log = logging.getLogger("relay.graph")
@@ -424,9 +425,11 @@ class GraphSender:
             verdict = Verdict(Action.HOLD, "tls", f"TLS certificate verification failed for {app.effective_graph_host}",
                               Scope.APP, hint=GRAPH_TLS_HINT)
             return Outcome(verdict=verdict, deferred=recipients)
-        except requests.exceptions.Timeout:
-            return Outcome(verdict=Verdict(Action.RETRY, "timeout", "Microsoft Graph: timeout", Scope.MESSAGE),
-                           deferred=recipients)
+        except (requests.exceptions.Timeout, TimeoutError):
+            text = f"Microsoft Graph: no answer from {host_of(app.effective_graph_host)} within {self._timeout:g}s"
+            log.warning(text, extra={"event": "graph_timeout", "endpoint": host_of(app.effective_graph_host),
+                                     "mailbox": route.mailbox})
+            return Outcome(verdict=Verdict(Action.RETRY, "timeout", text, Scope.MESSAGE), deferred=recipients)
         except requests.RequestException as exc:
             text = f"Microsoft Graph unreachable: {type(exc).__name__}"
             return Outcome(verdict=Verdict(Action.RETRY, "connection", text, Scope.MESSAGE), deferred=recipients)
@@ -455,12 +458,15 @@ class GraphSender:
         session = self._session(app)
         self.requests += 1
 
+        connect_timeout = min(30.0, self._timeout)
+
         def post() -> GraphReply:
-            with session.post(url, data=payload, headers=headers, timeout=(min(30.0, self._timeout), self._timeout),
+            with session.post(url, data=payload, headers=headers, timeout=(connect_timeout, self._timeout),
                               allow_redirects=False) as response:
                 return _reply_from(response, self._clock())
 
-        return await asyncio.to_thread(post)
+        # A daemon thread with a deadline: a silent Graph endpoint never holds up the loop or shutdown.
+        return await call_with_deadline(post, connect_timeout + self._timeout, name="graph-post")
 
     async def probe(self, route: Route) -> Verdict:
         """For a held Graph mailbox: can a fresh Graph token be had? Then let the next attempt tell.

@@ -4,8 +4,8 @@
   human text on a terminal. Structured fields come from ``extra=`` (queue_id, message_id, event...).
   Nothing that logs here passes a secret, a token, a password or a message body.
 - Metrics: Prometheus (prometheus-client), on a private registry so tests can run several relays.
-- Health: ``/healthz`` (alive) and ``/readyz`` (listener up, spool writable, nothing on hold) served
-  with ``/metrics`` by a small WSGI server in a thread, off the event loop.
+- Health: ``/healthz`` (alive) and ``/readyz`` (listener up, spool writable, nothing on hold, no app
+  paused) served with ``/metrics`` by a small WSGI server in a thread, off the event loop.
 """
 
 from __future__ import annotations

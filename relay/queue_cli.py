@@ -120,7 +120,8 @@ def _print_holds(holds: list[dict[str, Any]] | None, now: float, *, quiet: bool)
     for hold in holds:
         since = hold.get("since")
         age = f" for {round(now - since)} s" if isinstance(since, int | float) else ""
-        print(f"ON HOLD {hold.get('scope')} {hold.get('name')}{age}: {hold.get('reason')}: {hold.get('reply')}")
+        label = "PAUSED" if hold.get("kind") == "pause" else "ON HOLD"  # an app whose endpoint does not answer
+        print(f"{label} {hold.get('scope')} {hold.get('name')}{age}: {hold.get('reason')}: {hold.get('reply')}")
         for line in str(hold.get("hint") or "").splitlines():
             for part in textwrap.wrap(line, 96, break_on_hyphens=False) or [""]:
                 print(f"    {part}")

@@ -269,10 +269,13 @@ class Relay:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         holds = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint}
                  for b in self.delivery.holds()]
+        # A paused app (its token endpoint or Exchange does not answer) moves no mail either.
+        pauses = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply,
+                   "seconds_left": round(b.until - self.clock(), 1)} for b in self.delivery.app_pauses()]
         listening = bool(self.servers) and all(s.is_serving() for s in self.servers)
         writable = self.spool.writable()
-        ok = listening and writable and not holds
-        return ok, {"listening": listening, "spool_writable": writable, "holds": holds}
+        ok = listening and writable and not holds and not pauses
+        return ok, {"listening": listening, "spool_writable": writable, "holds": holds, "pauses": pauses}
 
     def refresh_gauges(self) -> None:
         try:

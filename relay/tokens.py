@@ -11,12 +11,19 @@ Why this shape:
   waits on Entra ID.
 - ``requests`` honours ``REQUESTS_CA_BUNDLE`` over ``verify=``; the session is built with
   ``trust_env=False`` so that the configured CA bundle and proxy are the ones used.
+- Every wait has a deadline. MSAL ignores its own ``timeout`` when given an ``http_client``, so the
+  session itself (:class:`TimeoutSession`) puts ``apps[].timeout`` on every request it sends: OIDC
+  discovery and token requests alike. On the event loop's side the whole acquisition (discovery +
+  token) has the same deadline and runs in a daemon thread (relay.blocking): a silent endpoint makes
+  it a transient failure ("no answer from <host> within <N>s") and never holds up shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from relay.blocking import call_with_deadline
 from relay.config import AppSettings
 from relay.errors import ConfigError, TokenError
 
@@ -63,9 +71,36 @@ class Token:
             return {}
 
 
+class TimeoutSession(requests.Session):
+    """A requests session whose every request carries a timeout (``timeout`` when the caller gives none).
+
+    MSAL sends its requests through ``http_client.get/post`` without a timeout; requests would then
+    wait on a silent socket forever.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
+        return super().request(method, url, *args, **kwargs)
+
+
+def host_of(url: str) -> str:
+    """``host[:port]`` of a URL, for messages ("no answer from login.microsoftonline.com within 30s")."""
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
 def build_http_session(app: AppSettings, environ: Mapping[str, str]) -> requests.Session:
-    """A requests session that trusts exactly the configured CA and uses exactly the configured proxy."""
-    session = requests.Session()
+    """A requests session that trusts exactly the configured CA, uses exactly the configured proxy and
+    puts ``apps[].timeout`` on every request."""
+    session = TimeoutSession(app.timeout)
     session.trust_env = False
     session.verify = str(app.token_ca_file) if app.token_ca_file else True
     proxy = app.proxy or _proxy_from_environment(app.effective_authority_host, environ)
@@ -144,6 +179,65 @@ class _ScopeState:
     token: Token = Token()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     refresh_task: asyncio.Task[None] | None = None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(out) < 10 and all(cur is not e for e in out):
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def http_failure(app: str, exc: requests.RequestException, url: str, timeout: float,
+                 proxy: str | None = None) -> TokenError:
+    """What a failed HTTPS request to ``url`` (Entra ID) really met, as a :class:`TokenError`.
+
+    Tells apart: no TCP connection, connected but no TLS handshake, no HTTP answer, a proxy that
+    accepts but does not answer CONNECT, a proxy that cannot be reached, a peer that closed the
+    connection, and a certificate that is not trusted (the only one an admin must fix: not transient).
+    """
+    host = host_of(url)
+    within = _seconds(timeout)
+    via = f" through the proxy {host_of(proxy)}" if proxy else ""
+    chain = _chain(exc)
+    texts = " | ".join(str(e).lower() for e in chain)
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
+        return TokenError(app, "tls_verification_failed",
+                          f"the certificate of {host} is not trusted; if a TLS-inspecting proxy re-signs it, set "
+                          "token_ca_file to its CA", transient=False)
+    if isinstance(exc, requests.exceptions.Timeout) or any(isinstance(e, TimeoutError) for e in chain):
+        where = f"no answer from {host}{via} within {within}"
+        if "handshake operation timed out" in texts:
+            what = f"{where}: connected, no TLS handshake"
+        elif "read operation timed out" in texts:
+            what = f"{where}: connected, no HTTP answer"
+        elif proxy and isinstance(exc, requests.exceptions.ReadTimeout):
+            what = (f"no answer from the proxy {host_of(proxy)} within {within}: it accepted the connection but"
+                    f" did not answer CONNECT {host}")
+        elif isinstance(exc, requests.exceptions.ConnectTimeout):
+            what = f"no answer from {host_of(proxy) if proxy else host} within {within}: no TCP connection"
+        else:
+            what = where
+        return TokenError(app, "timeout", what, transient=True)
+    if isinstance(exc, requests.exceptions.ProxyError):
+        refused = " (connection refused)" if "refused" in texts else ""
+        return TokenError(app, "proxy_unreachable",
+                          f"the HTTPS proxy for Entra ID ({host_of(proxy or '')}) cannot be reached{refused}",
+                          transient=True)
+    if any(isinstance(e, ssl.SSLError) for e in chain):
+        closed = "eof" in texts or "reset" in texts
+        what = (f"{host}{via} closed the connection during the TLS handshake" if closed
+                else f"TLS handshake with {host}{via} failed")
+        return TokenError(app, "tls_handshake_failed", what, transient=True)
+    if any(isinstance(e, ConnectionResetError | ConnectionAbortedError | http.client.RemoteDisconnected)
+           for e in chain):
+        return TokenError(app, "connection_closed", f"{host}{via} closed the connection before answering",
+                          transient=True)
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return TokenError(app, "unreachable", f"cannot reach {host}: connection refused", transient=True)
+    return TokenError(app, "unreachable", f"cannot reach {host}: {type(exc).__name__}", transient=True)
 
 
 class TokenProvider:
@@ -263,10 +357,23 @@ class TokenProvider:
             await asyncio.to_thread(self._forget_cached_token)
         self.requests += 1
         try:
-            result = await asyncio.to_thread(self._acquire, scope)
+            try:
+                # apps[].timeout bounds each request (TimeoutSession) and, with a second of margin
+                # for the request's own, more precise, diagnosis, the whole acquisition.
+                result = await call_with_deadline(lambda: self._acquire(scope), self.app.timeout + 1,
+                                                  name=f"token-{self.app.name}")
+            except TimeoutError:
+                # The worker thread is still waiting on a silent socket (it ends by its own timeout).
+                raise TokenError(self.app.name, "timeout",
+                                 f"no answer from {host_of(self.app.effective_authority_host)} within "
+                                 f"{_seconds(self.app.timeout)}", transient=True) from None
         except TokenError as exc:
             self.failures += 1
             self.last_error = exc
+            log.warning("token request failed: %s", exc.description, extra={
+                "event": "token_failed", "app": self.app.name, "error": exc.error,
+                "endpoint": host_of(self.app.effective_authority_host), "transient": exc.transient,
+                **({"aadsts": exc.aadsts} if exc.aadsts else {})})
             if self.on_failed:
                 self.on_failed(exc)
             raise
@@ -305,19 +412,9 @@ class TokenProvider:
         """Runs in a worker thread: the only place that calls MSAL for a token."""
         try:
             result = self._msal().acquire_token_for_client(scopes=[scope or self.default_scope])
-        except requests.exceptions.SSLError:
-            # Certificate verification failed: a TLS-inspecting proxy or a wrong CA bundle. Waiting
-            # will not fix it; an admin must (token_ca_file).
-            raise TokenError(self.app.name, "tls_verification_failed",
-                             f"the certificate of {self.app.effective_authority_host} is not trusted; if a "
-                             "TLS-inspecting proxy re-signs it, set token_ca_file to its CA", transient=False) from None
-        except requests.exceptions.ProxyError:
-            raise TokenError(self.app.name, "proxy_unreachable",
-                             "the HTTPS proxy for Entra ID cannot be reached", transient=True) from None
         except requests.RequestException as exc:
-            raise TokenError(self.app.name, "unreachable",
-                             f"cannot reach {self.app.effective_authority_host}: {type(exc).__name__}",
-                             transient=True) from None
+            raise http_failure(self.app.name, exc, self.app.effective_authority_host, self.app.timeout,
+                               proxy=self._session.proxies.get("https")) from None
         except msal.exceptions.MsalServiceError as exc:
             # MSAL raises this for HTTP errors it cannot parse as OAuth errors (5xx, 429 pages).
             raise TokenError(self.app.name, "server_error", f"Entra ID answered {str(exc)[:80]}",

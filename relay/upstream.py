@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 
-from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
+from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply, timeout_text
 from relay.config import AppSettings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
@@ -333,6 +334,13 @@ class Submitter:
                 log.error("unexpected error talking to Exchange: %s", type(exc).__name__,
                           extra={"event": "upstream_error", "error_type": type(exc).__name__, "stage": str(stage)})
             verdict = classify_exception(exc, stage)
+            if isinstance(exc, TimeoutError) and verdict.reason == "timeout":
+                # Say which deadline passed, and where: "connected to smtp...:587, no SMTP greeting within 30s".
+                app = self._apps[route.app]
+                endpoint = f"{app.effective_smtp_host}:{app.smtp_port}"
+                verdict = dataclasses.replace(verdict, reply=timeout_text(exc, stage, endpoint, self._pool.timeout))
+                log.warning("no answer from Exchange: %s", verdict.reply, extra={
+                    "event": "upstream_timeout", "endpoint": endpoint, "stage": str(stage), "mailbox": route.mailbox})
             return Outcome(verdict=verdict, failed=failed, deferred=unresolved(verdict))
 
 
@@ -383,14 +391,14 @@ async def stream_data(smtp: aiosmtplib.SMTP, source: Path | bytes,
         out = _wire_block(source, True)
         protocol.write(out + (b".\r\n" if out.endswith(b"\r\n") else b"\r\n.\r\n"))
     else:
-        await _stream_file(protocol, source)
+        await _stream_file(protocol, source, command_timeout)
     response = await protocol.read_response(timeout=command_timeout)
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
 
 
-async def _stream_file(protocol: Any, path: Path) -> None:
+async def _stream_file(protocol: Any, path: Path, command_timeout: float) -> None:
     drain = getattr(protocol, "_drain_helper", None)  # flow control: wait while the socket buffer is full
     at_line_start = True
     last = b"\n"
@@ -415,7 +423,11 @@ async def _stream_file(protocol: Any, path: Path) -> None:
                 at_line_start = block.endswith(b"\n")
                 last = out[-2:] if len(out) >= 2 else last + out
                 if drain is not None:
-                    await drain()
+                    # A server that stops reading mid-message must not hold the attempt forever.
+                    try:
+                        await asyncio.wait_for(drain(), command_timeout)
+                    except TimeoutError:
+                        raise aiosmtplib.SMTPTimeoutError("Timed out sending the message data") from None
             if not chunk:
                 break
     protocol.write(b".\r\n" if last.endswith(b"\r\n") else b"\r\n.\r\n")

@@ -156,7 +156,7 @@ def test_token_endpoint_unreachable(m365: SimulatedM365, tmp_path: Path) -> None
     assert code == 1
     step = first_failure(report)
     assert (step["kind"], step["admin_step"]) == ("token", None)
-    assert "cannot reach https://localhost:" in step["detail"]
+    assert "cannot reach localhost:" in step["detail"] and "connection refused" in step["detail"]
     assert "firewall and the HTTPS proxy" in step["hint"]
 
 
