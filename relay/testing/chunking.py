@@ -41,6 +41,8 @@ class WireFeatures:
 
     pipelining: bool = True
     chunking: bool = True
+    #: recipient address (lower case) -> the reply its RCPT gets instead of the normal checks
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
     _transactions: list[Transaction] = field(default_factory=list)
     _lock: threading.Condition = field(default_factory=threading.Condition)
 
@@ -64,6 +66,14 @@ class WireFeatures:
     def clear(self) -> None:
         with self._lock:
             self._transactions.clear()
+            self.rcpt_replies.clear()
+
+    def rcpt_reply(self, arg: str) -> str | None:
+        with self._lock:
+            for address, reply in self.rcpt_replies.items():
+                if f"<{address}>" in arg.lower():
+                    return reply
+        return None
 
 
 class ChunkingMixin(SMTP):
@@ -104,6 +114,10 @@ class ChunkingMixin(SMTP):
             await super().push(status)
         if self._round_trips is not None and not self._buffered():
             self._round_trips += 1
+        text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
+        if text.startswith("421") and self.session is not None and self.session.host_name:
+            # The channel is closed: commands the client pipelined behind this one are never carried out.
+            raise asyncio.CancelledError
 
     def _buffered(self) -> bool:
         """Client bytes received and not yet read by the session."""
@@ -146,6 +160,13 @@ class ChunkingMixin(SMTP):
         await super().smtp_MAIL(arg)
         if self.envelope is None or self.envelope.mail_from is None:
             self._end_transaction("MAIL refused")
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        forced = self.wire.rcpt_reply(arg or "")
+        if forced is not None and self.envelope is not None and self.envelope.mail_from is not None:
+            await self.push(forced)
+            return
+        await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         await super().smtp_DATA(arg)
