@@ -131,11 +131,14 @@ async def wire_blocks(source: Path | bytes) -> AsyncIterator[bytes]:
 async def _send_dot_stuffed(write: _Writer, source: Path | bytes) -> None:
     """The message as DATA carries it: CRLF, dot-stuffed, then the ``.`` line."""
     at_line_start = True
+    pending = b""
     async for block in wire_blocks(source):
-        write.write(dot_stuff(block, at_line_start))
+        if pending:
+            write.write(pending)
+            await write.drain()
+        pending = dot_stuff(block, at_line_start)
         at_line_start = block.endswith(b"\n")
-        await write.drain()
-    write.write(b".\r\n")
+    write.write(pending + b".\r\n")  # the last block and the end in one write: one segment for a small message
 
 
 class _Writer:
