@@ -385,3 +385,33 @@ def test_flight_mode_follows_the_ehlo() -> None:
     assert smtp_transaction.flight_mode(smtp) == "pipelining"
     smtp.esmtp_extensions = {"chunking": ""}
     assert smtp_transaction.flight_mode(smtp) is None, "BDAT without PIPELINING: step by step"
+
+
+# ------------------------------------------------------------------------------------------- failures mid-flight
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_connection_dropped_in_the_message_is_retried_on_a_new_session(bench: Bench, mode: str) -> None:
+    await bench.mode(mode)
+    bench.sim.drop_mid_data()
+    before = len(bench.sim.accepted)
+    outcome = await bench.submitter.submit(bench.route, Envelope(STANDARD_MAILBOX, RCPTS[:1]), BODY)
+    assert outcome.verdict.action is Action.RETRY and outcome.verdict.reason == "connection", outcome.verdict
+    assert outcome.deferred == RCPTS[:1] and len(bench.sim.accepted) == before
+    assert bench.pool.open_sessions(STANDARD_MAILBOX) == 0, "the broken session is not pooled"
+    outcome = await bench.submitter.submit(bench.route, Envelope(STANDARD_MAILBOX, RCPTS[:1]), BODY)
+    assert outcome.verdict.action is Action.DELIVERED
+    assert bench.sim.accepted[-1].content == normalize_message_line_endings(BODY)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_server_that_stops_answering_times_out(bench: Bench, mode: str) -> None:
+    bench.pool.timeout = 0.3
+    await bench.run(mode, Script(), rcpts=RCPTS[:1])  # a pooled, authenticated session
+    bench.sim.set_reply_delay(1.0)
+    try:
+        outcome = await bench.submitter.submit(bench.route, Envelope(STANDARD_MAILBOX, RCPTS[:1]), BODY)
+    finally:
+        bench.sim.set_reply_delay(0)
+    assert outcome.verdict.action is Action.RETRY and outcome.verdict.reason == "timeout", outcome.verdict
+    assert bench.pool.open_sessions(STANDARD_MAILBOX) == 0, "a session out of step is closed, never reused"
