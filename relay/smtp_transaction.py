@@ -325,6 +325,10 @@ class _ReplyReader(asyncio.Protocol):
         self._paused = False
         self._resumed.set()
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     # for the transaction
     def write(self, data: bytes) -> None:
         if self.lost or self.transport.is_closing():
@@ -398,13 +402,20 @@ class Pipelined(Transaction):
             self._bdat(head, block, last=True)
             return
         pending: bytes | None = None
-        async for block in wire_blocks(self._body):
-            if pending is not None:
-                self._bdat(head, pending, last=False)
-                head = b""
-                await reader._drain_helper()
-            pending = block
-        self._bdat(head, pending or b"", last=True)
+        try:
+            async for block in wire_blocks(self._body):
+                if pending is not None:
+                    self._bdat(head, pending, last=False)
+                    head = b""
+                    await reader._drain_helper()
+                pending = block
+            self._bdat(head, pending or b"", last=True)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+            # The server closed while the message was still going out (a 421 to MAIL): its replies
+            # so far are read as usual; after them mail()/rcpt()/data() say the connection is lost.
+            if not head:  # the commands went out: there is something to read
+                return
+            raise
 
     def _bdat(self, head: bytes, chunk: bytes, *, last: bool) -> None:
         assert self._reader is not None
@@ -509,6 +520,10 @@ class Pipelined(Transaction):
         if reader.lost:
             return False
         reader.transport.set_protocol(reader.previous)
+        # Flow control state follows the transport's: aiosmtplib's protocol missed pauses and resumes.
+        flow = reader.previous
+        if isinstance(flow, asyncio.Protocol):
+            (flow.pause_writing if reader.paused else flow.resume_writing)()
         if reader.idle and self._outstanding == 0 and self._error is None:
             return True
         reader.transport.close()  # unread bytes: the next command would get this one's reply

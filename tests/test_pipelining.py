@@ -415,3 +415,16 @@ async def test_a_server_that_stops_answering_times_out(bench: Bench, mode: str) 
         bench.sim.set_reply_delay(0)
     assert outcome.verdict.action is Action.RETRY and outcome.verdict.reason == "timeout", outcome.verdict
     assert bench.pool.open_sessions(STANDARD_MAILBOX) == 0, "a session out of step is closed, never reused"
+
+
+async def test_a_421_to_mail_while_a_big_message_is_still_going_out(bench: Bench, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exchange answers MAIL with 421 and closes while BDAT chunks are still being written: the 421 is
+    what the outcome says (wait a minute), not a lost connection, as on the step-by-step path."""
+    path = tmp_path / "big.eml"
+    path.write_bytes(b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n" * 1 + (b"y" * 998 + b"\r\n") * 4000)
+    monkeypatch.setattr(smtp_transaction, "STREAM_CHUNK", 16 * 1024)
+    rate = "421 4.4.2 Message submission rate for this client has exceeded the configured limit"
+    seen = {mode: (await bench.run(mode, Script(mail=rate), body=path))[1] for mode in MODES}
+    assert seen["step"].verdict[:2] == (Action.RETRY, "rate_limited")
+    assert seen["chunking"] == seen["step"] == seen["pipelining"]
