@@ -6,7 +6,8 @@ more than a message. A session that died while idle is replaced transparently as
 the message was sent yet; one whose token is about to expire is closed rather than reused.
 
 :meth:`Submitter.submit` runs MAIL / RCPT / DATA itself instead of ``sendmail()`` so that every reply
-is classified with the stage it belongs to, and per-recipient answers are kept per recipient.
+is classified with the stage it belongs to, and per-recipient answers are kept per recipient; the
+transaction goes in one flight when Exchange offers PIPELINING (and BDAT), see relay.smtp_transaction.
 """
 
 from __future__ import annotations
