@@ -6,7 +6,8 @@ more than a message. A session that died while idle is replaced transparently as
 the message was sent yet; one whose token is about to expire is closed rather than reused.
 
 :meth:`Submitter.submit` runs MAIL / RCPT / DATA itself instead of ``sendmail()`` so that every reply
-is classified with the stage it belongs to, and per-recipient answers are kept per recipient.
+is classified with the stage it belongs to, and per-recipient answers are kept per recipient; the
+transaction goes in one flight when Exchange offers PIPELINING (and BDAT), see relay.smtp_transaction.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import re
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 
+from relay import smtp_transaction
 from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply, timeout_text
 from relay.config import AppSettings
 from relay.envelope import Envelope, Route
@@ -200,6 +201,8 @@ class Submitter:
         self._connections = connections
         #: Sends the mail of ``transport: graph`` mailboxes (relay.graph); None: every mailbox is SMTP.
         self.graph = graph
+        #: MAIL, RCPT and DATA/BDAT in one flight when the server offers PIPELINING (False: step by step).
+        self.pipeline = True
 
     async def submit(self, route: Route, envelope: Envelope, body: bytes | Path,
                      recipients: tuple[str, ...] | None = None) -> Outcome:
@@ -252,6 +255,7 @@ class Submitter:
                        rcpts: tuple[str, ...]) -> Outcome:
         stage = Stage.TOKEN
         session: _Session | None = None
+        txn: smtp_transaction.Transaction | None = None
         failed: dict[str, Verdict] = {}  # permanently refused at RCPT: kept whatever happens next
         # Internationalised addresses go out as UTF-8 only under SMTPUTF8 (RFC 6531).
         encoding = "utf-8" if any(o.upper() == "SMTPUTF8" for o in envelope.mail_options) else "ascii"
@@ -266,33 +270,42 @@ class Submitter:
                 stage = Stage.MAIL
                 try:
                     options = [o for o in envelope.mail_options if _supported(session.smtp, o)]
-                    await session.smtp.mail(route.sender, options=options, encoding=encoding)
+                    # In one flight when Exchange offers PIPELINING (relay.smtp_transaction).
+                    txn = smtp_transaction.begin(session.smtp, route.sender, options, rcpts, body, encoding,
+                                                 self._pool.timeout, pipeline=self.pipeline)
+                    await txn.start()
+                    await txn.mail()
                     break
                 except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-                    # A pooled session that died while idle: nothing of this message was sent yet.
+                    # A pooled session that died while idle: no reply came, nothing was delivered.
                     self._pool.discard(session)
-                    session = None
+                    session = txn = None
                     if reuse_attempt == 1:
                         raise exc from None
-            assert session is not None
+            assert session is not None and txn is not None
             accepted: list[str] = []
             deferred: list[str] = []
             stage = Stage.RCPT
             for rcpt in rcpts:
                 try:
-                    await session.smtp.rcpt(rcpt, encoding=encoding)
+                    await txn.rcpt(rcpt)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
                     verdict = classify_reply(exc.code, exc.message, Stage.RCPT)
-                    if verdict.scope is not Scope.RECIPIENT:
+                    # A refusal of the whole message stops the transaction - unless the message went
+                    # with the commands (BDAT) and the server took it for the recipients it accepted.
+                    if verdict.scope is not Scope.RECIPIENT and not await txn.committed():
                         raise
                     if verdict.action is Action.FAILED:
                         failed[rcpt] = verdict
                     else:
                         deferred.append(rcpt)
             if not accepted:
-                await session.smtp.rset()
-                self._pool.release(session)
+                if await txn.abandon():
+                    await session.smtp.rset()
+                    self._pool.release(session)
+                else:  # the server waits for a message after a pipelined DATA: only closing cancels it
+                    self._pool.discard(session)
                 session = None
                 first = next(iter(failed.values()), None)
                 if deferred or first is None:
@@ -300,7 +313,7 @@ class Submitter:
                     return Outcome(verdict=verdict, failed=failed, deferred=tuple(deferred))
                 return Outcome(verdict=first, failed=failed)
             stage = Stage.DATA
-            response = await stream_data(session.smtp, body, self._pool.timeout)
+            response = await txn.data()
             session.messages += 1
             self._pool.release(session)
             session = None
@@ -310,7 +323,8 @@ class Submitter:
         except aiosmtplib.SMTPResponseException as exc:
             verdict = classify_reply(exc.code, exc.message, stage)
             if session is not None:
-                if exc.code == 421 or verdict.evict_token or not session.smtp.is_connected:
+                usable = txn is None or await txn.abandon()
+                if exc.code == 421 or verdict.evict_token or not usable or not session.smtp.is_connected:
                     # The session is finished, or authenticated with a token Exchange no longer likes.
                     self._pool.discard(session)
                 else:
@@ -350,87 +364,6 @@ async def _reset_or_discard(pool: SessionPool, session: _Session) -> None:
         pool.release(session)
     except (TimeoutError, aiosmtplib.SMTPException, OSError):
         pool.discard(session)
-
-
-_STREAM_CHUNK = 256 * 1024
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
-
-
-def _wire_block(block: bytes, at_line_start: bool) -> bytes:
-    """CRLF line endings and dot-stuffing (RFC 5321 4.5.2) for a block of the message."""
-    crlf = block.count(b"\r\n")
-    if block.count(b"\n") == crlf and block.count(b"\r") == crlf:
-        # Already CRLF throughout (what the listener stores): plain byte replaces, no regex.
-        if b"\n." in block:
-            block = block.replace(b"\n.", b"\n..")
-        return b"." + block if at_line_start and block[:1] == b"." else block
-    block = _LINE_ENDINGS.sub(b"\r\n", block)
-    if at_line_start:
-        return _LEADING_DOT.sub(b"..", block)
-    # The block continues a line: its first byte is not at a line start, so it is never stuffed.
-    return _LEADING_DOT.sub(b"..", b"x" + block)[1:]
-
-
-async def stream_data(smtp: aiosmtplib.SMTP, source: Path | bytes,
-                      command_timeout: float) -> aiosmtplib.SMTPResponse:
-    """DATA from a spool file in chunks (or from a small message in memory): the same bytes
-    aiosmtplib's ``data()`` would send (CRLF normalised, dot-stuffed), without ever holding a big
-    message in memory.
-
-    Blocks are cut after a LF (never after a CR, which may pair with the next LF), so each block's
-    line endings and leading dots are handled exactly as for the whole message.
-    """
-    response = await smtp.execute_command(b"DATA", timeout=command_timeout)
-    if response.code != 354:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    protocol = smtp.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    if isinstance(source, bytes):
-        out = _wire_block(source, True)
-        protocol.write(out + (b".\r\n" if out.endswith(b"\r\n") else b"\r\n.\r\n"))
-    else:
-        await _stream_file(protocol, source, command_timeout)
-    response = await protocol.read_response(timeout=command_timeout)
-    if response.code != 250:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    return response
-
-
-async def _stream_file(protocol: Any, path: Path, command_timeout: float) -> None:
-    drain = getattr(protocol, "_drain_helper", None)  # flow control: wait while the socket buffer is full
-    at_line_start = True
-    last = b"\n"
-    carry = b""
-    with path.open("rb") as f:
-        eof = False
-        while True:
-            chunk = b"" if eof else await asyncio.to_thread(f.read, _STREAM_CHUNK)
-            # A regular file reads short only at its end: no second thread hop just to learn that.
-            eof = len(chunk) < _STREAM_CHUNK
-            data = carry + chunk
-            if not chunk:
-                block, carry = data, b""
-            else:
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:  # a very long line: cut anywhere but after a CR
-                    cut = len(data) - 1 if data.endswith(b"\r") else len(data)
-                block, carry = data[:cut], data[cut:]
-            if block:
-                out = _wire_block(block, at_line_start)
-                protocol.write(out)
-                at_line_start = block.endswith(b"\n")
-                last = out[-2:] if len(out) >= 2 else last + out
-                if drain is not None:
-                    # A server that stops reading mid-message must not hold the attempt forever.
-                    try:
-                        await asyncio.wait_for(drain(), command_timeout)
-                    except TimeoutError:
-                        raise aiosmtplib.SMTPTimeoutError("Timed out sending the message data") from None
-            if not chunk:
-                break
-    protocol.write(b".\r\n" if last.endswith(b"\r\n") else b"\r\n.\r\n")
 
 
 def _supported(smtp: aiosmtplib.SMTP, option: str) -> bool:

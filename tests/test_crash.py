@@ -37,10 +37,13 @@ def _message(attempt: str, logical: str) -> bytes:
 
 
 @pytest.mark.timeout(400)
-def test_sigkill_at_random_points_loses_no_acknowledged_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("upstream", ["chunking", "step-by-step"])
+def test_sigkill_at_random_points_loses_no_acknowledged_message(tmp_path: Path, upstream: str) -> None:
+    """With BDAT in one flight (what Exchange Online offers) and with MAIL/RCPT/DATA one at a time."""
     rng = random.Random(SEED)
     sim = SimulatedM365.standard(tmp_path / "m365")
     sim.exchange.limits.messages_per_minute = 1_000_000
+    sim.exchange.wire.pipelining = sim.exchange.wire.chunking = upstream == "chunking"
     sim.start()
     port = free_port()
     config = relay_config(sim, tmp_path, port=port, overrides={
@@ -119,6 +122,8 @@ def test_sigkill_at_random_points_loses_no_acknowledged_message(tmp_path: Path) 
         relay.terminate()
         sim.stop()
     seen = delivered_attempts()
+    bdat = sum(1 for t in sim.exchange.wire.transactions if t.bdat_chunks)
+    assert (bdat > 0) == (upstream == "chunking"), f"{bdat} transactions with BDAT"
     missing = acked - set(seen)
     duplicates = {a: n for a, n in seen.items() if n > 1}
     logical_acked = {a.rsplit("a", 1)[0] for a in acked}

@@ -438,7 +438,7 @@ async def test_data_to_a_server_that_stops_reading_ends_at_the_command_timeout(t
 
     import aiosmtplib
 
-    from relay.upstream import stream_data
+    from relay.smtp_transaction import stream_data
 
     held: list[asyncio.StreamWriter] = []
 

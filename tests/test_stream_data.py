@@ -12,7 +12,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import relay.upstream as upstream
+import relay.smtp_transaction as upstream
 
 
 class _Protocol:
@@ -44,12 +44,12 @@ def streamed(body: bytes, tmp: Path, chunk: int) -> bytes:
     path = tmp / "body"
     path.write_bytes(body)
     smtp = _Smtp()
-    old = upstream._STREAM_CHUNK
-    upstream._STREAM_CHUNK = chunk
+    old = upstream.STREAM_CHUNK
+    upstream.STREAM_CHUNK = chunk
     try:
         asyncio.run(upstream.stream_data(smtp, path, 5))  # type: ignore[arg-type]
     finally:
-        upstream._STREAM_CHUNK = old
+        upstream.STREAM_CHUNK = old
     return bytes(smtp.protocol.sent)
 
 

@@ -40,6 +40,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.testing.certs import ServerCertificates
+from relay.testing.chunking import ChunkingMixin, WireFeatures
 from relay.testing.entra import EXCHANGE_RESOURCE, SMTP_SEND_AS_APP
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,8 @@ class ExchangeSimulator:
         self._server: asyncio.Server | None = None
         self._protocols: set[_ExchangeSMTP] = set()
         self._port = 0
+        #: PIPELINING / CHUNKING switches and the round trips of each transaction (relay.testing.chunking).
+        self.wire = WireFeatures()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -308,7 +311,7 @@ class ExchangeSimulator:
         return "localhost"
 
     def _new_protocol(self) -> _ExchangeSMTP:
-        return _ExchangeSMTP(self, self._certs.server_context(), self._loop)
+        return _WireSMTP(self, self._certs.server_context(), self._loop)
 
     # -- directory ---------------------------------------------------------------------------
 
@@ -978,6 +981,17 @@ class _ExchangeSMTP(SMTP):
                 return f"555 5.5.4 Unsupported parameter {name}"
             params[name.upper()] = value
         return address, options, params
+
+
+class _WireSMTP(ChunkingMixin, _ExchangeSMTP):
+    """An Exchange session with BDAT, the extension switches and the round-trip count."""
+
+    @property
+    def wire(self) -> WireFeatures:
+        return self.sim.wire
+
+    def take_drop_fault(self) -> bool:
+        return self.sim.take_fault("drop_mid_data") is not None
 
 
 # ---------------------------------------------------------------------------------------------
