@@ -110,6 +110,19 @@ class Metrics:
         self.hold = Gauge("relay_hold", "1 for each app or mailbox on hold, with the classifier's reason",
                           ["scope", "name", "reason"], registry=r)
         self.auth_failures = Counter("relay_client_auth_failures", "Failed client AUTH attempts", registry=r)
+        # The fleet (relay.fleet): only set when fleet: is configured.
+        self.fleet_connected = Gauge("relay_fleet_connected",
+                                     "1 while the fleet's Redis answers, 0 while this relay uses its fallback share",
+                                     registry=r)
+        self.fleet_waits = Counter("relay_fleet_waits", "Starts put off because the fleet was at a mailbox's limit",
+                                   ["mailbox", "limit"], registry=r)
+        self.fleet_slots = Gauge("relay_fleet_slots_in_use", "Exchange sessions open for a mailbox, fleet-wide",
+                                 ["mailbox"], registry=r)
+        self.fleet_minute = Gauge("relay_fleet_submissions_last_minute",
+                                  "Submissions for a mailbox in the last 60 s, fleet-wide", ["mailbox"], registry=r)
+        self.fleet_day = Gauge("relay_fleet_recipients_last_day",
+                               "Recipients submitted for a mailbox in the last 24 h, fleet-wide", ["mailbox"],
+                               registry=r)
 
     def attempt(self, mailbox: str, reason: str, seconds: float) -> None:
         self.attempts.labels(reason).observe(seconds)
@@ -134,6 +147,11 @@ class Metrics:
         self.hold.clear()
         for scope, name, reason in holds:
             self.hold.labels(scope, name, reason).set(1)
+
+    def fleet_budget(self, mailbox: str, slots: int, last_minute: int, last_day: int) -> None:
+        self.fleet_slots.labels(mailbox).set(slots)
+        self.fleet_minute.labels(mailbox).set(last_minute)
+        self.fleet_day.labels(mailbox).set(last_day)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

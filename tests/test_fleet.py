@@ -1,0 +1,316 @@
+"""The fleet coordination client (relay.fleet) against a real redis-server on loopback.
+
+Each test starts its own Redis on a free port (nothing persisted) and stops it by PID. Skipped when
+redis-server is not installed; CI installs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from relay.config import FleetSettings, settings_from_dict
+from relay.errors import ConfigError
+from relay.fleet import Fleet, FleetWait
+from relay.observability import Metrics
+from relay.testing.redis import RedisServer, redis_available
+
+needs_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+
+MAILBOX = "relay@contoso.com"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if not redis_available():
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def fleet_settings(url: str, **kw: Any) -> FleetSettings:
+    return FleetSettings.model_validate({"redis": url, "key_prefix": "t:", "lease_ttl": 3, "sync_interval": 0.5,
+                                         "deadline": 0.5, **kw})
+
+
+def make(url: str, name: str, connections: int = 3, per_minute: int = 30, **kw: Any) -> Fleet:
+    return Fleet(fleet_settings(url, instance_id=name, **kw), lambda _m: (connections, per_minute), metrics=Metrics())
+
+
+async def joined(*fleets: Fleet) -> None:
+    for f in fleets:
+        await f.start([MAILBOX], ["contoso"])
+        assert f.connected
+
+
+async def leave(*fleets: Fleet) -> None:
+    for f in fleets:
+        await f.stop()
+
+
+# ------------------------------------------------------------------ config
+
+BASE = {
+    "apps": [{"name": "a", "tenant_id": "contoso.onmicrosoft.com", "client_id": "11111111-2222-3333-4444-555555555555",
+              "client_secret": "x"}],
+    "mailboxes": [{"address": MAILBOX, "app": "a"}],
+}
+
+
+def test_config_without_fleet_is_none() -> None:
+    assert settings_from_dict(BASE).fleet is None
+
+
+def test_config_fleet_defaults() -> None:
+    s = settings_from_dict({**BASE, "fleet": {"redis": "redis://redis:6379/0"}})
+    assert s.fleet is not None
+    assert (s.fleet.fallback.connections, s.fleet.fallback.per_minute) == (1, 6)
+    assert s.fleet.recipients_per_day == 10_000
+    assert s.fleet.key_prefix == "oauth-smtp-relay:"
+
+
+@pytest.mark.parametrize(("fleet", "key", "words"), [
+    ({"redis": "http://redis:6379"}, "fleet.redis", "redis://"),
+    ({"redis": "redis://:secret@redis:6379"}, "fleet.redis", "password_file"),
+    ({"redis": "redis://r", "lease_ttl": 2, "sync_interval": 1}, "fleet", "three times sync_interval"),
+    ({"redis": "redis://r", "fallback": {"connections": 0}}, "fleet.fallback.connections", "greater than"),
+    ({"redis": "redis://r", "instanceid": "x"}, "fleet.instanceid", "instance_id"),
+])
+def test_config_fleet_errors_name_key_and_fix(fleet: dict[str, Any], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings_from_dict({**BASE, "fleet": fleet}, "relay.yaml")
+    assert err.value.key == key, str(err.value)
+    assert words in str(err.value)
+
+
+def test_config_fleet_password_file(tmp_path: Path) -> None:
+    from relay.config import load_settings
+    secret = tmp_path / "redis.pw"
+    secret.write_text("s3cret\n")
+    cfg = tmp_path / "relay.yaml"
+    import yaml
+    cfg.write_text(yaml.safe_dump({**BASE, "fleet": {"redis": "rediss://redis:6380/0", "password_file": str(secret)}}))
+    s = load_settings(cfg)
+    assert s.fleet is not None and s.fleet.password is not None
+    assert s.fleet.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s.fleet)
+
+
+# ------------------------------------------------------------------ session slots
+
+@needs_redis
+async def test_slots_are_fleet_wide(redis_server: RedisServer) -> None:
+    a, b = make(redis_server.url, "a"), make(redis_server.url, "b")
+    await joined(a, b)
+    try:
+        leases = [await a.open_session(MAILBOX), await b.open_session(MAILBOX), await b.open_session(MAILBOX)]
+        with pytest.raises(FleetWait) as wait:
+            await a.open_session(MAILBOX)
+        assert wait.value.reason == "session_slots"
+        a.close_session(leases[0])
+        await asyncio.wait_for(asyncio.gather(*a._aux), 2)
+        assert (await b.open_session(MAILBOX)).startswith("b/")
+        status = await a.status()
+        (mbx,) = status["mailboxes"]
+        assert mbx["slots_in_use"] == 3 and mbx["slot_holders"] == {"b": 3}
+    finally:
+        await leave(a, b)
+
+
+@needs_redis
+async def test_slots_of_a_dead_relay_come_back_within_the_ttl(redis_server: RedisServer) -> None:
+    dead, alive = make(redis_server.url, "dead"), make(redis_server.url, "alive")
+    await joined(dead, alive)
+    try:
+        for _ in range(3):
+            await dead.open_session(MAILBOX)
+        dead._task.cancel()  # type: ignore[union-attr]  # it stops renewing: as if SIGKILLed
+        started = time.monotonic()
+        with pytest.raises(FleetWait):
+            await alive.open_session(MAILBOX)
+        while True:
+            try:
+                await alive.open_session(MAILBOX)
+                break
+            except FleetWait as exc:
+                assert time.monotonic() - started < 3 + 1.5, "slots not back within the lease TTL"
+                await asyncio.sleep(exc.seconds)
+        assert time.monotonic() - started >= 2.5  # not before the TTL ran out
+    finally:
+        await leave(alive)
+
+
+@needs_redis
+async def test_renewal_keeps_leases_alive(redis_server: RedisServer) -> None:
+    a, b = make(redis_server.url, "a"), make(redis_server.url, "b")
+    await joined(a, b)
+    try:
+        for _ in range(3):
+            await a.open_session(MAILBOX)
+        probe = aioredis.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + 4.5  # longer than the 3 s TTL: only renewal keeps them
+        while time.monotonic() < deadline:
+            with pytest.raises(FleetWait):
+                await b.open_session(MAILBOX)
+            await asyncio.sleep(0.5)
+        assert await probe.zcard("t:slots:" + MAILBOX) == 3
+        await probe.aclose()
+    finally:
+        await leave(a, b)
+
+
+# ------------------------------------------------------------------ rate and recipients
+
+@needs_redis
+async def test_per_minute_is_fleet_wide(redis_server: RedisServer) -> None:
+    fleets = [make(redis_server.url, f"r{i}", per_minute=5) for i in range(3)]
+    await joined(*fleets)
+    try:
+        taken = 0
+        waits: list[FleetWait] = []
+        for i in range(9):
+            try:
+                fleets[i % 3].done(await fleets[i % 3].take(MAILBOX, 1))
+                taken += 1
+            except FleetWait as exc:
+                waits.append(exc)
+        assert taken == 5
+        assert all(w.reason == "per_minute" and 55 < w.seconds <= 61 for w in waits)
+        status = await fleets[0].status()
+        assert status["mailboxes"][0]["submissions_last_minute"] == 5
+        assert status["mailboxes"][0]["recipients_last_24h"] == 5
+    finally:
+        await leave(*fleets)
+
+
+@needs_redis
+async def test_recipient_budget_waits_not_bounces(redis_server: RedisServer) -> None:
+    a = make(redis_server.url, "a", per_minute=0, recipients_per_day=10)
+    await joined(a)
+    try:
+        await a.take(MAILBOX, 6)
+        await a.take(MAILBOX, 4)
+        with pytest.raises(FleetWait) as wait:
+            await a.take(MAILBOX, 1)
+        assert wait.value.reason == "recipients_per_day"
+        assert 86_400 - 120 < wait.value.seconds <= 86_400 + 60
+    finally:
+        await leave(a)
+
+
+@needs_redis
+async def test_cancel_gives_the_place_back(redis_server: RedisServer) -> None:
+    a = make(redis_server.url, "a", per_minute=1, recipients_per_day=3)
+    await joined(a)
+    try:
+        sub = await a.take(MAILBOX, 3)
+        with pytest.raises(FleetWait):
+            await a.take(MAILBOX, 1)
+        await a.cancel(sub)
+        await a.take(MAILBOX, 3)
+    finally:
+        await leave(a)
+
+
+# ------------------------------------------------------------------ holds and probes
+
+@needs_redis
+async def test_a_hold_is_seen_by_all_and_one_probes(redis_server: RedisServer) -> None:
+    a, b = make(redis_server.url, "a"), make(redis_server.url, "b")
+    await joined(a, b)
+    try:
+        a.share_block("hold", "mailbox", MAILBOX, "auth_failed", "535 5.7.3 Authentication unsuccessful", "hint", 30)
+        await asyncio.wait_for(asyncio.gather(*a._aux), 2)
+        await b.sync()
+        block = b.blocks[("mailbox", MAILBOX)]
+        assert (block.kind, block.reason, block.by) == ("hold", "auth_failed", "a")
+        assert await a.may_probe("mailbox", MAILBOX, 10)
+        assert not await b.may_probe("mailbox", MAILBOX, 10)
+        await a.probe_done("mailbox", MAILBOX, ok=False)
+        assert await b.may_probe("mailbox", MAILBOX, 10)
+        await b.probe_done("mailbox", MAILBOX, ok=True)
+        await a.sync()
+        assert a.blocks == {}
+    finally:
+        await leave(a, b)
+
+
+@needs_redis
+async def test_a_pause_does_not_override_a_hold(redis_server: RedisServer) -> None:
+    a = make(redis_server.url, "a")
+    await joined(a)
+    try:
+        a.share_block("hold", "app", "contoso", "invalid_secret", "AADSTS7000215", "", 30)
+        a.share_block("pause", "app", "contoso", "token_endpoint", "503", "", 5)
+        await asyncio.wait_for(asyncio.gather(*a._aux), 2)
+        await a.sync()
+        assert a.blocks[("app", "contoso")].kind == "hold"
+    finally:
+        await leave(a)
+
+
+# ------------------------------------------------------------------ Redis trouble
+
+@needs_redis
+async def test_redis_away_falls_back_and_rejoins(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    a = make(redis_server.url, "a", connections=3, per_minute=30)
+    await joined(a)
+    assert a.local_limits((3, 30)) == (3, 30)
+    lease = await a.open_session(MAILBOX)
+    redis_server.stop()
+    started = time.monotonic()
+    # No slot check can reach Redis: the call fails within the deadline and the relay goes on alone.
+    lease2 = await a.open_session(MAILBOX)
+    assert time.monotonic() - started < 1.5
+    assert not a.connected
+    assert a.local_limits((3, 30)) == (1, 6)
+    assert a.metrics.fleet_connected._value.get() == 0
+    started = time.monotonic()
+    for _ in range(20):  # disconnected: no call waits for Redis at all
+        await a.take(MAILBOX, 1)
+    assert time.monotonic() - started < 0.1
+    lost = [r for r in caplog.records if getattr(r, "event", "") == "fleet_disconnected"]
+    assert len(lost) == 1, "logged once"
+    redis_server.start()
+    deadline = time.monotonic() + 5
+    while not a.connected:
+        assert time.monotonic() < deadline, "did not rejoin"
+        await asyncio.sleep(0.1)
+    # The sessions opened before and during the outage are registered again.
+    probe = aioredis.Redis.from_url(redis_server.url)
+    members = {m.decode() for m in await probe.zrange("t:slots:" + MAILBOX, 0, -1)}
+    await probe.aclose()
+    assert members == {lease, lease2}
+    assert a.metrics.fleet_connected._value.get() == 1
+    await leave(a)
+
+
+@needs_redis
+async def test_nothing_secret_in_redis(redis_server: RedisServer) -> None:
+    a = make(redis_server.url, "a", password=None)
+    await joined(a)
+    try:
+        await a.open_session(MAILBOX)
+        a.done(await a.take(MAILBOX, 2))
+        a.share_block("hold", "mailbox", MAILBOX, "auth_failed", "535 5.7.3 Authentication unsuccessful", "", 30)
+        await asyncio.wait_for(asyncio.gather(*a._aux), 2)
+        await a.sync()
+        probe = aioredis.Redis.from_url(redis_server.url)
+        dump = b""
+        async for key in probe.scan_iter("*"):
+            dump += key + repr(await probe.dump(key)).encode()
+        await probe.aclose()
+        assert b"t:slots:" in dump
+        for word in (b"Bearer", b"eyJ", b"secret", b"password"):
+            assert word not in dump
+    finally:
+        await leave(a)
