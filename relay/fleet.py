@@ -431,8 +431,9 @@ class Fleet:
             return True
         return bool(got)
 
-    async def probe_done(self, scope: str, name: str, ok: bool) -> None:
-        """A probe ended: on success the hold is lifted for the whole fleet."""
+    async def probe_done(self, scope: str, name: str, ok: bool, next_in: float = 0.0) -> None:
+        """A probe ended. Success lifts the hold for the whole fleet; a failure keeps the probe lease
+        for ``next_in`` seconds, so the fleet probes once per interval, not once per relay."""
         if not self.connected:
             return
         with contextlib.suppress(FleetUnavailable):
@@ -440,6 +441,9 @@ class Fleet:
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.delete(self.key("block", scope, name), self.key("probe", scope, name))
                 await self._call("release", pipe.execute())
+            elif next_in > 0:
+                await self._call("probe_end", self.redis.set(self.key("probe", scope, name), self.instance_id,
+                                                             px=max(int(next_in * 1000), 1)))
             else:
                 await self._call("probe_end", self.redis.delete(self.key("probe", scope, name)))
 
