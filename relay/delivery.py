@@ -473,6 +473,10 @@ class Delivery:
                 shared = await fleet.take(entry.route.mailbox, len(entry.pending_recipients))
             try:
                 outcome = await self.submitter.submit(entry.route, entry.envelope, source, entry.pending_recipients)
+                if fleet is not None and not outcome.delivered and outcome.verdict.code:
+                    # Exchange answered with a refusal: it did not count this one in its minute either.
+                    await fleet.cancel(shared)
+                    shared = None
             except FleetWait:
                 if fleet is not None:
                     await fleet.cancel(shared)

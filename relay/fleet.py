@@ -57,19 +57,33 @@ HOLD_TTL_MS = 24 * 3_600_000
 #: How long to wait before asking again for a session slot when the fleet has none free.
 SLOT_RETRY = 0.5
 
+# Returns 1 (a slot leased), 0 (none free) or 2: leased, but the registry is not complete yet (a new
+# or restarted Redis: not every relay has written its leases again), so this relay keeps to its
+# fallback share (ARGV[5] sessions of its own, ARGV[6] its instance id) until it is.
 _SLOT_ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ttl * 2)
-  redis.call('SADD', KEYS[2], ARGV[4])
-  return 1
+local epoch = redis.call('GET', KEYS[3])
+local forming = (not epoch) or now < tonumber(epoch)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+  if forming then
+    local own = 0
+    local mine = ARGV[6] .. '/'
+    for _, lease in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+      if string.sub(lease, 1, #mine) == mine then own = own + 1 end
+    end
+    if own >= tonumber(ARGV[5]) then return 0 end
+  end
 end
-return 0
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+redis.call('SADD', KEYS[2], ARGV[4])
+if forming then return 2 end
+return 1
 """
 
 # Renews the leases of sessions this relay has open. A lease that expired (Redis was away, or
@@ -83,6 +97,19 @@ for i, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ttl * 2)
 end
 return #KEYS
+"""
+
+# The registry's epoch: the time from which every live relay has written its leases. Missing (a new
+# or restarted Redis): it starts now and is complete one grace period later. Returns the ms left.
+_EPOCH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = now + tonumber(ARGV[1])
+  redis.call('SET', KEYS[1], epoch)
+end
+return math.max(tonumber(epoch) - now, 0)
 """
 
 # A submission starts: at most ARGV[2] in the window, at most ARGV[5] recipients a day.
@@ -243,6 +270,11 @@ class Fleet:
         self._aux: set[asyncio.Task[Any]] = set()
         self._lost_logged = False
         self._started_at = time.time()
+        #: (monotonic) after losing Redis, no new session before this: the others notice too and trim
+        #: to their fallback share first.
+        self._settle_until = 0.0
+        #: (monotonic) Redis is back but its registry is not complete yet: fallback share until then.
+        self._forming_until = 0.0
         self.blocks: dict[tuple[str, str], SharedBlock] = {}
         #: called after each sync with the blocks the fleet holds (the delivery reconciles its own)
         self.on_blocks: Callable[[dict[tuple[str, str], SharedBlock]], None] | None = None
@@ -254,6 +286,7 @@ class Fleet:
         self._done = self.redis.register_script(_RATE_DONE)
         self._cancel = self.redis.register_script(_RATE_CANCEL)
         self._block_set = self.redis.register_script(_BLOCK_SET)
+        self._epoch = self.redis.register_script(_EPOCH)
         self.mailboxes: tuple[str, ...] = ()
         self.apps: tuple[str, ...] = ()
 
@@ -286,6 +319,8 @@ class Fleet:
                                "fallback_per_minute": self.settings.fallback.per_minute})
             self._lost_logged = True
         was = self.connected
+        if was:
+            self._settle_until = time.monotonic() + self.grace
         self.connected = False
         self._gauge()
         if was and self.on_state is not None:
@@ -307,10 +342,20 @@ class Fleet:
 
     # ------------------------------------------------------------------ local limits
 
+    @property
+    def grace(self) -> float:
+        """Long enough for every relay to notice a change (one sync) and act on it."""
+        return 2 * self.settings.sync_interval + self.settings.deadline
+
+    @property
+    def shared(self) -> bool:
+        """Redis answers and its registry is complete: the limits are the fleet's."""
+        return self.connected and time.monotonic() >= self._forming_until
+
     def local_limits(self, configured: tuple[int, int]) -> tuple[int, int]:
         """What this relay may use on its own: all of it while Redis decides (Redis is the limit
-        then), the fallback share while Redis is away."""
-        if self.connected:
+        then), the fallback share while Redis is away (or back but not complete yet)."""
+        if self.shared:
             return configured
         fb = self.settings.fallback
         per_minute = fb.per_minute if configured[1] <= 0 else min(fb.per_minute or configured[1], configured[1])
@@ -323,15 +368,20 @@ class Fleet:
         slot is taken. Disconnected: a local lease (the fallback share limits it)."""
         mailbox = mailbox.lower()
         lease = f"{self.instance_id}/{next(self._ids)}"
+        if not self.connected and time.monotonic() < self._settle_until:
+            raise FleetWait(self._settle_until - time.monotonic(), "fallback_settling")
         if self.connected:
             connections = self.limits(mailbox)[0]
             try:
                 got = await self._call("slot", self._acquire(
-                    keys=[self.key("slots", mailbox), self.key("mailboxes")],
-                    args=[lease, connections, int(self.settings.lease_ttl * 1000), mailbox]))
+                    keys=[self.key("slots", mailbox), self.key("mailboxes"), self.key("epoch")],
+                    args=[lease, connections, int(self.settings.lease_ttl * 1000), mailbox,
+                          self.settings.fallback.connections, self.instance_id]))
             except FleetUnavailable:
-                got = 1
-            if not got:
+                raise FleetWait(self._settle_until - time.monotonic(), "fallback_settling") from None
+            if got == 2:  # Redis is new or restarted empty: the others' leases may not be back yet
+                self._forming_until = max(self._forming_until, time.monotonic() + self.grace)
+            elif not got:
                 self._count_wait(mailbox, "slot")
                 raise FleetWait(SLOT_RETRY, "session_slots")
         self._leases[lease] = mailbox
@@ -349,6 +399,11 @@ class Fleet:
     async def _release(self, mailbox: str, lease: str) -> None:
         with contextlib.suppress(FleetUnavailable):
             await self._call("slot_release", self.redis.zrem(self.key("slots", mailbox), lease))
+
+    def session_share(self, configured: int) -> int:
+        """How many sessions of a mailbox this relay may keep open: the fleet decides while shared,
+        the fallback share otherwise."""
+        return configured if self.shared else min(configured, self.settings.fallback.connections)
 
     def sessions(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -501,6 +556,7 @@ class Fleet:
                                 "mailboxes": list(self.mailboxes)})
         names = [("mailbox", m) for m in self.mailboxes] + [("app", a) for a in self.apps]
         pipe = self.redis.pipeline(transaction=False)
+        await self._epoch(keys=[self.key("epoch")], args=[int(self.grace * 1000)], client=pipe)
         pipe.set(self.key("instance", self.instance_id), heartbeat,
                  px=max(ttl_ms, int(self.settings.sync_interval * 3000)))
         pipe.zadd(self.key("instances"), {self.instance_id: now_ms})
@@ -522,6 +578,9 @@ class Fleet:
         except RedisError as exc:  # e.g. NOSCRIPT inside a pipeline after a Redis restart
             self._lost("sync", exc)
             return
+        forming = int(results[0])
+        if forming > 0:
+            self._forming_until = max(self._forming_until, time.monotonic() + forming / 1000)
         self._joined()
         budgets = results[len(results) - 3 * len(self.mailboxes):]
         shown = results[len(results) - 3 * len(self.mailboxes) - len(names):len(results) - 3 * len(self.mailboxes)]

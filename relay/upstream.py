@@ -176,6 +176,11 @@ class SessionPool:
 
     def release(self, session: _Session) -> None:
         session.last_used = self._clock()
+        fleet = self.fleet
+        if fleet is not None and self.open_sessions(session.mailbox) > fleet.session_share(
+                fleet.limits(session.mailbox)[0]):
+            self.discard(session)  # more open than this relay's share while Redis is away
+            return
         self._idle.setdefault(session.mailbox, []).append(session)
 
     def discard(self, session: _Session) -> None:
