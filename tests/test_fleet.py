@@ -7,6 +7,7 @@ redis-server is not installed; CI installs it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -333,3 +334,60 @@ async def test_nothing_secret_in_redis(redis_server: RedisServer) -> None:
             assert word not in dump
     finally:
         await leave(a)
+
+
+# ------------------------------------------------------------------ fleet status (the CLI)
+
+def _config(tmp_path: Path, fleet: dict[str, Any] | None) -> Path:
+    import yaml
+    cfg = tmp_path / "relay.yaml"
+    data: dict[str, Any] = {**BASE, "spool": {"path": str(tmp_path / "spool")}}
+    if fleet is not None:
+        data["fleet"] = fleet
+    cfg.write_text(yaml.safe_dump(data))
+    cfg.chmod(0o600)
+    return cfg
+
+
+@needs_redis
+async def test_fleet_status_command(redis_server: RedisServer, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from relay.cli import main
+    a, b = make(redis_server.url, "relay-a"), make(redis_server.url, "relay-b")
+    await joined(a, b)
+    try:
+        await a.open_session(MAILBOX)
+        await b.open_session(MAILBOX)
+        await b.open_session(MAILBOX)
+        b.done(await b.take(MAILBOX, 4))
+        a.share_block("hold", "mailbox", MAILBOX, "auth_failed", "535 5.7.3 Authentication unsuccessful", "", 30)
+        await asyncio.wait_for(asyncio.gather(*a._aux, *b._aux), 2)
+        await a.sync()
+        await b.sync()
+        cfg = _config(tmp_path, {"redis": redis_server.url, "key_prefix": "t:"})
+        code = await asyncio.to_thread(main, ["fleet", "-c", str(cfg), "status", "--json"])
+        assert code == 0
+        status = json.loads(capsys.readouterr().out)
+        assert {i["instance"] for i in status["instances"] if i["alive"]} == {"relay-a", "relay-b"}
+        (mbx,) = status["mailboxes"]
+        assert mbx["slot_holders"] == {"relay-a": 1, "relay-b": 2} and mbx["slots_limit"] == 3
+        assert mbx["submissions_last_minute"] == 1 and mbx["recipients_last_24h"] == 4
+        assert mbx["block"]["reason"] == "auth_failed" and mbx["block"]["by"] == "relay-a"
+        code = await asyncio.to_thread(main, ["fleet", "-c", str(cfg), "status"])
+        text = capsys.readouterr().out
+        assert code == 0
+        assert "session slots    3 of 3 (relay-a: 1, relay-b: 2)" in text
+        assert "hold             auth_failed" in text
+    finally:
+        await leave(a, b)
+
+
+def test_fleet_status_without_fleet_or_redis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from relay.cli import main
+    from relay.testing.harness import free_port
+    assert main(["fleet", "-c", str(_config(tmp_path, None)), "status"]) == 2
+    assert "fleet: is not configured" in capsys.readouterr().err
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    assert main(["fleet", "-c", str(_config(tmp_path, {"redis": dead, "deadline": 0.5})), "status"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach Redis" in err and "fleet.deadline" in err
