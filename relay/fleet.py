@@ -309,7 +309,11 @@ class Fleet:
             self._lost(what, exc)
             raise FleetUnavailable(what) from None
         finally:
-            self.counters.seconds += time.perf_counter() - started
+            spent = time.perf_counter() - started
+            self.counters.seconds += spent
+            if self.metrics is not None:
+                self.metrics.fleet_calls.labels(what).inc()
+                self.metrics.fleet_call_seconds.labels(what).inc(spent)
 
     def _lost(self, what: str, exc: BaseException) -> None:
         if self.connected or not self._lost_logged:

@@ -116,6 +116,10 @@ class Metrics:
                                      registry=r)
         self.fleet_waits = Counter("relay_fleet_waits", "Starts put off because the fleet was at a mailbox's limit",
                                    ["mailbox", "limit"], registry=r)
+        self.fleet_calls = Counter("relay_fleet_redis_calls", "Round trips to the fleet's Redis, by call", ["call"],
+                                   registry=r)
+        self.fleet_call_seconds = Counter("relay_fleet_redis_seconds", "Time spent waiting for the fleet's Redis",
+                                          ["call"], registry=r)
         self.fleet_slots = Gauge("relay_fleet_slots_in_use", "Exchange sessions open for a mailbox, fleet-wide",
                                  ["mailbox"], registry=r)
         self.fleet_minute = Gauge("relay_fleet_submissions_last_minute",
