@@ -56,6 +56,9 @@ DAY_MS = 86_400_000
 HOLD_TTL_MS = 24 * 3_600_000
 #: How long to wait before asking again for a session slot when the fleet has none free.
 SLOT_RETRY = 0.5
+#: A start waits this long for a slot in place (asking every SLOT_POLL) before it goes back to the queue.
+SLOT_WAIT = 1.0
+SLOT_POLL = 0.05
 
 # Returns 1 (a slot leased), 0 (none free) or 2: leased, but the registry is not complete yet (a new
 # or restarted Redis: not every relay has written its leases again), so this relay keeps to its
@@ -69,7 +72,10 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local epoch = redis.call('GET', KEYS[3])
 local forming = (not epoch) or now < tonumber(epoch)
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  if redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+  if redis.call('ZCARD', KEYS[1]) >= limit then
+    redis.call('SET', KEYS[4], ARGV[6], 'PX', 2000)  -- someone waits: idle sessions give their slot back
+    return 0
+  end
   if forming then
     local own = 0
     local mine = ARGV[6] .. '/'
@@ -275,6 +281,8 @@ class Fleet:
         self._settle_until = 0.0
         #: (monotonic) Redis is back but its registry is not complete yet: fallback share until then.
         self._forming_until = 0.0
+        #: (monotonic) per mailbox: another relay asked for a session slot and waits, until then.
+        self._wanted: dict[str, float] = {}
         self.blocks: dict[tuple[str, str], SharedBlock] = {}
         #: called after each sync with the blocks the fleet holds (the delivery reconciles its own)
         self.on_blocks: Callable[[dict[tuple[str, str], SharedBlock]], None] | None = None
@@ -376,13 +384,19 @@ class Fleet:
             raise FleetWait(self._settle_until - time.monotonic(), "fallback_settling")
         if self.connected:
             connections = self.limits(mailbox)[0]
-            try:
-                got = await self._call("slot", self._acquire(
-                    keys=[self.key("slots", mailbox), self.key("mailboxes"), self.key("epoch")],
-                    args=[lease, connections, int(self.settings.lease_ttl * 1000), mailbox,
-                          self.settings.fallback.connections, self.instance_id]))
-            except FleetUnavailable:
-                raise FleetWait(self._settle_until - time.monotonic(), "fallback_settling") from None
+            give_up = time.monotonic() + SLOT_WAIT
+            while True:
+                try:
+                    got = await self._call("slot", self._acquire(
+                        keys=[self.key("slots", mailbox), self.key("mailboxes"), self.key("epoch"),
+                              self.key("want", mailbox)],
+                        args=[lease, connections, int(self.settings.lease_ttl * 1000), mailbox,
+                              self.settings.fallback.connections, self.instance_id]))
+                except FleetUnavailable:
+                    raise FleetWait(self._settle_until - time.monotonic(), "fallback_settling") from None
+                if got or time.monotonic() >= give_up:
+                    break
+                await asyncio.sleep(SLOT_POLL)  # another relay's session ends soon: it was asked to
             if got == 2:  # Redis is new or restarted empty: the others' leases may not be back yet
                 self._forming_until = max(self._forming_until, time.monotonic() + self.grace)
             elif not got:
@@ -403,6 +417,10 @@ class Fleet:
     async def _release(self, mailbox: str, lease: str) -> None:
         with contextlib.suppress(FleetUnavailable):
             await self._call("slot_release", self.redis.zrem(self.key("slots", mailbox), lease))
+
+    def wanted(self, mailbox: str) -> bool:
+        """Another relay waits for one of this mailbox's session slots: an idle session should close."""
+        return time.monotonic() < self._wanted.get(mailbox.lower(), 0.0)
 
     def session_share(self, configured: int) -> int:
         """How many sessions of a mailbox this relay may keep open: the fleet decides while shared,
@@ -571,7 +589,8 @@ class Fleet:
                               args=[ttl_ms, *[lid for lid, _ in leases]], client=pipe)
         for scope, name in names:
             pipe.hgetall(self.key("block", scope, name))
-        for m in self.mailboxes:  # the shared budgets, for the metrics
+        for m in self.mailboxes:  # the shared budgets, for the metrics; who waits for a slot
+            pipe.pttl(self.key("want", m))
             pipe.zcount(self.key("slots", m), now_ms, "+inf")
             pipe.zcount(self.key("rate", m), now_ms - 60_000, "+inf")
             pipe.hgetall(self.key("rcpt", m))
@@ -586,16 +605,20 @@ class Fleet:
         if forming > 0:
             self._forming_until = max(self._forming_until, time.monotonic() + forming / 1000)
         self._joined()
-        budgets = results[len(results) - 3 * len(self.mailboxes):]
-        shown = results[len(results) - 3 * len(self.mailboxes) - len(names):len(results) - 3 * len(self.mailboxes)]
+        budgets = results[len(results) - 4 * len(self.mailboxes):]
+        shown = results[len(results) - 4 * len(self.mailboxes) - len(names):len(results) - 4 * len(self.mailboxes)]
         blocks: dict[tuple[str, str], SharedBlock] = {}
         for (scope, name), raw in zip(names, shown, strict=True):
             if raw:
                 blocks[(scope, name)] = _shared_block(scope, name, raw)
+        for i, m in enumerate(self.mailboxes):
+            want_ms = int(budgets[4 * i])
+            if want_ms > 0:
+                self._wanted[m] = time.monotonic() + want_ms / 1000
         if self.metrics is not None:
             minute = now_ms // 60_000
             for i, m in enumerate(self.mailboxes):
-                slots, last_minute, rcpt = budgets[3 * i:3 * i + 3]
+                slots, last_minute, rcpt = budgets[4 * i + 1:4 * i + 4]
                 day = sum(int(c) for k, c in rcpt.items() if int(k) > minute - 1440)
                 self.metrics.fleet_budget(m, int(slots), int(last_minute), day)
         self.blocks = blocks

@@ -391,3 +391,50 @@ def test_fleet_status_without_fleet_or_redis(tmp_path: Path, capsys: pytest.Capt
     assert main(["fleet", "-c", str(_config(tmp_path, {"redis": dead, "deadline": 0.5})), "status"]) == 1
     err = capsys.readouterr().err
     assert "cannot reach Redis" in err and "fleet.deadline" in err
+
+
+# ------------------------------------------------------------------ a relay with a fleet: readiness, metrics
+
+@needs_redis
+def test_relay_stays_ready_and_delivers_while_redis_is_away(redis_server: RedisServer, tmp_path: Path) -> None:
+    import smtplib
+
+    from relay.testing.harness import RelayThread, relay_config, wait_until
+    from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+
+    sim = SimulatedM365.standard(tmp_path / "m365").start()
+    config = relay_config(sim, tmp_path, overrides={
+        "delivery": {"sync_wait": 5},
+        "fleet": {"redis": redis_server.url, "key_prefix": "ready:", "instance_id": "solo", "lease_ttl": 3,
+                  "sync_interval": 0.5, "deadline": 0.5}})
+    relay = RelayThread.from_dict(config).start()
+    try:
+        service = relay.relay
+        assert service.fleet is not None
+
+        def send(n: int) -> None:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as c:
+                refused = c.sendmail(STANDARD_MAILBOX, ["x@fabrikam.example"], f"Subject: {n}\r\n\r\nbody\r\n")
+            assert refused == {}
+
+        wait_until(lambda: service.fleet is not None and service.fleet.shared, 10, "the fleet to form")
+        ok, detail = service.readiness()
+        assert ok and detail["fleet"] == {"connected": True, "instance": "solo", "limits": "shared"}
+        send(1)
+        sim.exchange.wait_for_messages(1, timeout=10)
+        redis_server.stop()
+        wait_until(lambda: not service.fleet.connected, 10, "the relay to notice Redis is gone")  # type: ignore[union-attr]
+        ok, detail = service.readiness()
+        assert ok, "Redis away must not make the relay unready"
+        assert detail["fleet"]["connected"] is False and detail["fleet"]["limits"] == "fallback share"
+        assert b"relay_fleet_connected 0.0" in service.metrics.render()
+        send(2)  # delivered on the fallback share
+        sim.exchange.wait_for_messages(2, timeout=20)
+        redis_server.start()
+        wait_until(lambda: service.fleet.connected, 10, "the relay to rejoin")  # type: ignore[union-attr]
+        assert b"relay_fleet_connected 1.0" in service.metrics.render()
+        send(3)
+        sim.exchange.wait_for_messages(3, timeout=20)
+    finally:
+        relay.stop()
+        sim.stop()
