@@ -15,6 +15,8 @@ Keys (``P`` is ``fleet.key_prefix``, ``m`` a mailbox in lower case)::
     P instance:I     STR   JSON heartbeat, with a TTL          relay I is alive
     P instances      ZSET  instance id -> last heartbeat (ms)  who has been seen (for ``fleet status``)
     P mailboxes      SET   mailbox                              mailboxes the fleet has paced
+    P want:m         STR   instance id, 2 s TTL                a relay waits for a slot: close idle sessions
+    P epoch          STR   ms                                   when the slot registry became complete
 
 Only counters, lease ids, instance ids and the classifier's reply texts are stored: no token, no
 secret, no message, no recipient address. Time comes from Redis (``TIME``) inside the scripts, so the
