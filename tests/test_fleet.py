@@ -438,3 +438,21 @@ def test_relay_stays_ready_and_delivers_while_redis_is_away(redis_server: RedisS
     finally:
         relay.stop()
         sim.stop()
+
+
+@needs_redis
+@pytest.mark.timeout(200)
+def test_fleet_bench_quick_runs(tmp_path: Path) -> None:
+    """``python -m bench.fleet --quick`` keeps working: one relay without and with a fleet, three with."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "fleet.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.fleet", "--quick", "--messages", "30", "--json", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    rows = json.loads(out.read_text())
+    assert [r["relays"] for r in rows] == [1, 1, 3]
+    assert rows[0]["redis_calls_per_message"] == 0
+    assert rows[1]["redis_calls_per_message"] >= 2  # a place in the minute, and its stamp
+    assert "three relays, fleet (Redis)" in proc.stdout
