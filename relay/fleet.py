@@ -269,6 +269,8 @@ class Fleet:
         #: (connections, per_minute) of a mailbox as configured: the fleet-wide limits.
         self.limits = limits
         self.metrics = metrics
+        if metrics is not None:
+            metrics.enable_fleet()
         self.redis = client or _client(settings)
         self.connected = False
         self.counters = FleetCounters()

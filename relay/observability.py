@@ -86,6 +86,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._enabled: set[Any] = set()
         r = self.registry
         self.received = Counter("relay_messages_received", "Messages accepted from clients", registry=r)
         self.delivered_total = Counter("relay_messages_delivered", "Messages accepted by Exchange",
@@ -110,23 +111,23 @@ class Metrics:
         self.hold = Gauge("relay_hold", "1 for each app or mailbox on hold, with the classifier's reason",
                           ["scope", "name", "reason"], registry=r)
         self.auth_failures = Counter("relay_client_auth_failures", "Failed client AUTH attempts", registry=r)
-        # The fleet (relay.fleet): only set when fleet: is configured.
+        # The fleet (relay.fleet): exported only when fleet: is configured (enable_fleet).
         self.fleet_connected = Gauge("relay_fleet_connected",
                                      "1 while the fleet's Redis answers, 0 while this relay uses its fallback share",
-                                     registry=r)
+                                     registry=None)
         self.fleet_waits = Counter("relay_fleet_waits", "Starts put off because the fleet was at a mailbox's limit",
-                                   ["mailbox", "limit"], registry=r)
+                                   ["mailbox", "limit"], registry=None)
         self.fleet_calls = Counter("relay_fleet_redis_calls", "Round trips to the fleet's Redis, by call", ["call"],
-                                   registry=r)
+                                   registry=None)
         self.fleet_call_seconds = Counter("relay_fleet_redis_seconds", "Time spent waiting for the fleet's Redis",
-                                          ["call"], registry=r)
+                                          ["call"], registry=None)
         self.fleet_slots = Gauge("relay_fleet_slots_in_use", "Exchange sessions open for a mailbox, fleet-wide",
-                                 ["mailbox"], registry=r)
+                                 ["mailbox"], registry=None)
         self.fleet_minute = Gauge("relay_fleet_submissions_last_minute",
-                                  "Submissions for a mailbox in the last 60 s, fleet-wide", ["mailbox"], registry=r)
+                                  "Submissions for a mailbox in the last 60 s, fleet-wide", ["mailbox"], registry=None)
         self.fleet_day = Gauge("relay_fleet_recipients_last_day",
                                "Recipients submitted for a mailbox in the last 24 h, fleet-wide", ["mailbox"],
-                               registry=r)
+                               registry=None)
 
     def attempt(self, mailbox: str, reason: str, seconds: float) -> None:
         self.attempts.labels(reason).observe(seconds)
@@ -151,6 +152,14 @@ class Metrics:
         self.hold.clear()
         for scope, name, reason in holds:
             self.hold.labels(scope, name, reason).set(1)
+
+    def enable_fleet(self) -> None:
+        """Export the fleet's metrics (a relay without ``fleet:`` does not show them at all)."""
+        for collector in (self.fleet_connected, self.fleet_waits, self.fleet_calls, self.fleet_call_seconds,
+                          self.fleet_slots, self.fleet_minute, self.fleet_day):
+            if collector not in self._enabled:
+                self.registry.register(collector)
+                self._enabled.add(collector)
 
     def fleet_budget(self, mailbox: str, slots: int, last_minute: int, last_day: int) -> None:
         self.fleet_slots.labels(mailbox).set(slots)

@@ -350,7 +350,7 @@ class Relay:
             if self.config_path is None:
                 return
             settings = await asyncio.to_thread(load_settings, self.config_path)
-        restart_needed = [k for k in ("listen", "apps", "mailboxes", "spool", "tls")
+        restart_needed = [k for k in ("listen", "apps", "mailboxes", "spool", "tls", "fleet")
                           if getattr(settings, k) != getattr(self.settings, k)]
         state = self.listener_state
         state.settings = settings

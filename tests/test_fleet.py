@@ -456,3 +456,11 @@ def test_fleet_bench_quick_runs(tmp_path: Path) -> None:
     assert rows[0]["redis_calls_per_message"] == 0
     assert rows[1]["redis_calls_per_message"] >= 2  # a place in the minute, and its stamp
     assert "three relays, fleet (Redis)" in proc.stdout
+
+
+def test_fleet_metrics_only_with_a_fleet() -> None:
+    metrics = Metrics()
+    assert b"relay_fleet" not in metrics.render()
+    metrics.enable_fleet()
+    metrics.enable_fleet()  # twice is fine
+    assert b"relay_fleet_connected 0.0" in metrics.render()
