@@ -464,3 +464,41 @@ def test_fleet_metrics_only_with_a_fleet() -> None:
     metrics.enable_fleet()
     metrics.enable_fleet()  # twice is fine
     assert b"relay_fleet_connected 0.0" in metrics.render()
+
+
+@needs_redis
+def test_daily_recipient_budget_spent_holds_instead_of_bouncing(redis_server: RedisServer, tmp_path: Path) -> None:
+    import smtplib
+
+    from relay.spool import State
+    from relay.testing.harness import RelayThread, relay_config, wait_until
+    from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+
+    sim = SimulatedM365.standard(tmp_path / "m365").start()
+    config = relay_config(sim, tmp_path, overrides={
+        "delivery": {"sync_wait": 5},
+        "fleet": {"redis": redis_server.url, "key_prefix": "budget:", "recipients_per_day": 3, "lease_ttl": 3,
+                  "sync_interval": 0.5, "deadline": 0.5}})
+    relay = RelayThread.from_dict(config).start()
+    try:
+        service = relay.relay
+        wait_until(lambda: service.fleet is not None and service.fleet.shared, 10, "the fleet to form")
+        rcpts = ["a@fabrikam.example", "b@fabrikam.example"]
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as c:
+            assert c.sendmail(STANDARD_MAILBOX, rcpts, "Subject: 1\r\n\r\nbody\r\n") == {}
+            # 2 of 3 recipients used: the next two would overspend the day. Queued, not refused.
+            assert c.sendmail(STANDARD_MAILBOX, rcpts, "Subject: 2\r\n\r\nbody\r\n") == {}
+        assert len(sim.exchange.accepted) == 1
+
+        def held() -> bool:
+            _ready, detail = service.readiness()
+            return any(h["reason"] == "recipients_per_day" for h in detail["holds"])
+
+        wait_until(held, 10, "the mailbox to be held for its daily recipient budget")
+        queued = service.spool.list([State.QUEUED])
+        assert len(queued) == 1 and queued[0].next_attempt_at > time.time() + 3600
+        assert not service.spool.list([State.DEAD])
+        assert sim.exchange.refusals(STANDARD_MAILBOX)["quota"] == 0
+    finally:
+        relay.stop()
+        sim.stop()
