@@ -329,7 +329,8 @@ class Fleet:
 
     def _lost(self, what: str, exc: BaseException) -> None:
         if self.connected or not self._lost_logged:
-            log.warning("Redis unreachable: this relay uses its fallback share of each mailbox's limits",
+            log.warning("Redis unreachable (or it refused the call): this relay uses its fallback share of "
+                        "each mailbox's limits",
                         extra={"event": "fleet_disconnected", "call": what, "error_type": type(exc).__name__,
                                "fallback_connections": self.settings.fallback.connections,
                                "fallback_per_minute": self.settings.fallback.per_minute})
@@ -518,10 +519,9 @@ class Fleet:
         if not self.connected:
             return
         with contextlib.suppress(FleetUnavailable):
-            if ok:
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.delete(self.key("block", scope, name), self.key("probe", scope, name))
-                await self._call("release", pipe.execute())
+            if ok:  # one DEL of both keys: atomic without MULTI
+                await self._call("release", self.redis.delete(self.key("block", scope, name),
+                                                              self.key("probe", scope, name)))
             elif next_in > 0:
                 await self._call("probe_end", self.redis.set(self.key("probe", scope, name), self.instance_id,
                                                              px=max(int(next_in * 1000), 1)))

@@ -502,3 +502,38 @@ def test_daily_recipient_budget_spent_holds_instead_of_bouncing(redis_server: Re
     finally:
         relay.stop()
         sim.stop()
+
+
+@needs_redis
+async def test_the_documented_acl_is_enough_and_confines_the_relay(redis_server: RedisServer) -> None:
+    """docs/fleet.md's ACL line: every call the fleet makes works under it, keys outside the prefix do not."""
+    import redis as sync_redis
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "fleet.md").read_text()
+    (line,) = [ln.strip() for ln in doc.splitlines() if ln.strip().startswith("ACL SETUSER")]
+    admin = sync_redis.Redis.from_url(redis_server.url)
+    admin.execute_command(*line.replace("REDIS-PASSWORD", "acl-pw-7").split())
+    admin.close()
+    url = redis_server.url.replace("redis://", "redis://relay@")
+    settings = FleetSettings.model_validate({"redis": url, "password": "acl-pw-7", "instance_id": "acl",
+                                             "lease_ttl": 3, "sync_interval": 0.5})
+    fleet = Fleet(settings, lambda _m: (3, 30), metrics=Metrics())
+    await fleet.start([MAILBOX], ["contoso"])
+    await until_shared(fleet)
+    try:
+        await fleet.open_session(MAILBOX)
+        fleet.done(await fleet.take(MAILBOX, 1))
+        await fleet.cancel(await fleet.take(MAILBOX, 1))
+        fleet.share_block("hold", "mailbox", MAILBOX, "auth_failed", "535 5.7.3", "", 10)
+        await asyncio.wait_for(asyncio.gather(*fleet._aux), 2)
+        assert await fleet.may_probe("mailbox", MAILBOX, 5)
+        await fleet.probe_done("mailbox", MAILBOX, ok=False, next_in=1)
+        await fleet.probe_done("mailbox", MAILBOX, ok=True)
+        await fleet.sync()
+        assert (await fleet.status())["mailboxes"][0]["slots_in_use"] == 1
+        assert fleet.counters.failures == 0 and fleet.connected
+    finally:
+        await fleet.stop()
+    outsider = aioredis.Redis.from_url(url, password="acl-pw-7")
+    with pytest.raises(sync_redis.exceptions.NoPermissionError):
+        await outsider.set("elsewhere", "1")
+    await outsider.aclose()
