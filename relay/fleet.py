@@ -724,8 +724,11 @@ def _client(settings: FleetSettings) -> aioredis.Redis:
     }
     if settings.password is not None:
         kwargs["password"] = settings.password.get_secret_value()
-    if settings.redis.startswith("rediss://") and settings.ca_file is not None:
-        kwargs["ssl_ca_certs"] = str(settings.ca_file)
+    if settings.redis.startswith("rediss://"):
+        # Certificate and host name always verified (older redis-py did not check the name by default).
+        kwargs.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+        if settings.ca_file is not None:
+            kwargs["ssl_ca_certs"] = str(settings.ca_file)
     client: aioredis.Redis = aioredis.Redis.from_url(settings.redis, **kwargs)
     return client
 

@@ -537,3 +537,50 @@ async def test_the_documented_acl_is_enough_and_confines_the_relay(redis_server:
     with pytest.raises(sync_redis.exceptions.NoPermissionError):
         await outsider.set("elsewhere", "1")
     await outsider.aclose()
+
+
+@needs_redis
+async def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
+    from relay.testing.certs import write_server_certificates
+    certs = write_server_certificates(tmp_path / "certs")
+    server = RedisServer(tmp_path / "redis-tls", tls=certs).start()
+    try:
+        trusted = Fleet(FleetSettings.model_validate({"redis": server.url, "ca_file": str(certs.ca_file),
+                                                      "instance_id": "tls", "lease_ttl": 3, "sync_interval": 0.5}),
+                        lambda _m: (3, 30))
+        await trusted.start([MAILBOX], [])
+        assert trusted.connected, "TLS with the configured CA"
+        await trusted.stop()
+        # Without the CA the certificate is not trusted: no connection, the relay falls back.
+        untrusted = Fleet(FleetSettings.model_validate({"redis": server.url, "instance_id": "tls2"}),
+                          lambda _m: (3, 30))
+        await untrusted.start([MAILBOX], [])
+        assert not untrusted.connected
+        await untrusted.stop()
+    finally:
+        server.stop()
+
+
+@needs_redis
+async def test_rediss_checks_the_host_name(tmp_path: Path) -> None:
+    import trustme
+
+    from relay.testing.certs import ServerCertificates
+    # A certificate for another name, from a CA the relay trusts: the name check must refuse it.
+    ca = trustme.CA()
+    leaf = ca.issue_cert("redis.elsewhere.test")
+    d = tmp_path / "certs"
+    d.mkdir()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    (d / "server.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    (d / "server.key").write_bytes(leaf.private_key_pem.bytes())
+    certs = ServerCertificates(d, d / "ca.pem", d / "server.pem", d / "server.key")
+    server = RedisServer(tmp_path / "redis-tls", tls=certs).start()
+    try:
+        fleet = Fleet(FleetSettings.model_validate({"redis": server.url, "ca_file": str(certs.ca_file),
+                                                    "instance_id": "n"}), lambda _m: (3, 30))
+        await fleet.start([MAILBOX], [])
+        assert not fleet.connected
+        await fleet.stop()
+    finally:
+        server.stop()
