@@ -1,5 +1,5 @@
-"""Console entry: ``oauth-smtp-relay serve | check | exchange-setup | demo | queue ... | hash-password | health |
-example-config``.
+"""Console entry: ``oauth-smtp-relay serve | check | exchange-setup | demo | queue ... | fleet status |
+hash-password | health | example-config``.
 
 Exit codes: 0 success, 1 a check or command failed, 2 the configuration (or the command line) is
 wrong, or a listen address cannot be used. Config errors print ``file: key: problem`` on stderr.
@@ -123,6 +123,12 @@ def cmd_health(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from relay.fleet_cli import run_fleet
+
+    return run_fleet(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oauth-smtp-relay",
@@ -173,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="readiness URL (default: from observability.http in the config)")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("fleet", help="relays sharing the mailboxes' limits through Redis (fleet: in the config)")
+    with_config(p)
+    fsub = p.add_subparsers(dest="fleet_command", required=True)
+    f = fsub.add_parser("status", help="instances seen; per mailbox: slots and holders, last minute, last 24 h, holds")
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_fleet)
 
     p = sub.add_parser("queue", help="inspect and manage the spool (safe while the relay runs)")
     with_config(p)

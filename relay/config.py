@@ -484,6 +484,59 @@ class ObservabilitySettings(_Model):
         return v
 
 
+class FleetFallbackSettings(_Model):
+    """This relay's own share of each mailbox's limits while Redis cannot be reached."""
+
+    connections: int = Field(default=1, ge=1, le=50)
+    per_minute: int = Field(default=6, ge=0)
+
+
+class FleetSettings(_Model):
+    """Several relays sending as the same mailboxes share its limits through Redis (docs/fleet.md)."""
+
+    #: ``redis://host:6379/0`` or ``rediss://`` (TLS); a user name may be given (``redis://relay@host``),
+    #: the password goes in ``password_file`` (or ``password: ${ENV}``).
+    redis: str
+    password: SecretStr | None = None
+    #: CA bundle that signs the Redis server's certificate (``rediss://``); unset: the system's.
+    ca_file: Path | None = None
+    key_prefix: str = Field(default="oauth-smtp-relay:", min_length=1, max_length=100)
+    #: names this relay in ``fleet status`` and in slot leases; unset: host name + process id.
+    instance_id: str | None = Field(default=None, min_length=1, max_length=200)
+    #: recipients per mailbox in any 24 hours, fleet-wide (Exchange Online allows 10,000); 0: no budget.
+    recipients_per_day: int = Field(default=10_000, ge=0)
+    fallback: FleetFallbackSettings = FleetFallbackSettings()
+    #: longest wait for one Redis call; past it the relay uses its fallback share.
+    deadline: Duration = Field(default=0.5, gt=0)
+    #: a session slot's lease: renewed while the session lives, so a killed relay's slots come back
+    #: within this time.
+    lease_ttl: Duration = Field(default=30.0, ge=1)
+    #: heartbeat, lease renewal and shared holds are synchronised this often.
+    sync_interval: Duration = Field(default=1.0, gt=0)
+    #: an idle Exchange session is closed (its slot given back to the fleet) after this long.
+    idle_release: Duration = Field(default=2.0, gt=0)
+
+    @field_validator("redis")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"expected a URL such as redis://redis:6379/0 or rediss://redis:6380/0, got {v!r}")
+        if parts.password:
+            raise ValueError("do not put the Redis password in the URL: set fleet.password_file "
+                             "(or fleet.password: ${REDIS_PASSWORD})")
+        return v
+
+    @model_validator(mode="after")
+    def _check_fallback(self) -> FleetSettings:
+        if self.lease_ttl < 3 * self.sync_interval:
+            raise ValueError(f"lease_ttl ({self.lease_ttl:g} s) must be at least three times sync_interval "
+                             f"({self.sync_interval:g} s): leases are renewed every sync_interval")
+        return self
+
+
 class Settings(_Model):
     """The whole configuration. Frozen: a reload builds a new one."""
 
@@ -499,6 +552,8 @@ class Settings(_Model):
     limits: LimitSettings = LimitSettings()
     spool: SpoolSettings = SpoolSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    #: optional: share each mailbox's limits with other relays through Redis (relay.fleet)
+    fleet: FleetSettings | None = None
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
@@ -659,8 +714,9 @@ def _unique(section: str, names: list[str]) -> None:
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PLACEHOLDER_RE = re.compile(r"<[A-Z][A-Z0-9_ -]*>")
 #: keys whose value is a secret; each has a ``<key>_file`` twin read at load time.
-_SECRET_FILE_KEYS = {"client_secret_file": "client_secret", "pfx_password_file": "pfx_password"}
-_INLINE_SECRET_KEYS = {"client_secret", "pfx_password"}
+_SECRET_FILE_KEYS = {"client_secret_file": "client_secret", "pfx_password_file": "pfx_password",
+                     "password_file": "password"}
+_INLINE_SECRET_KEYS = {"client_secret", "pfx_password", "password"}
 #: keys that hold an app's credential or point at it: only token requests need them.
 _CREDENTIAL_KEYS = {*_SECRET_FILE_KEYS, *_INLINE_SECRET_KEYS, "private_key_file", "certificate_file", "pfx_file",
                     "federated_token_file"}

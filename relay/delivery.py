@@ -36,6 +36,7 @@ from relay.classify import Action, Scope, Verdict
 from relay.committer import GroupCommitter
 from relay.config import Settings
 from relay.envelope import Envelope, Route
+from relay.fleet import Fleet, FleetWait, SharedBlock
 from relay.observability import Metrics
 from relay.spool import Entry, Spool, State
 from relay.upstream import Outcome
@@ -126,6 +127,11 @@ class Pacer:
         """The submission of ``slot`` ended (whatever the outcome): its minute starts counting down."""
         if slot and slot in self._slots and self._slots[slot] is None:
             self._slots[slot] = self._clock()
+
+    def cancel(self, slot: int | None) -> None:
+        """Nothing was submitted for ``slot`` (the fleet said wait): it does not count."""
+        if slot:
+            self._slots.pop(slot, None)
 
 
 @dataclass
@@ -238,6 +244,15 @@ class Delivery:
         self._seen_at = float("-inf")
         self._next_due: float | None = None
         self.on_dead: Callable[[Entry, str], Awaitable[None] | None] | None = None
+        #: Optional: the limits each mailbox shares with other relays (relay.fleet). None: this relay
+        #: alone enforces them, as without ``fleet:`` in the config.
+        self.fleet: Fleet | None = None
+        #: Mailboxes the fleet has no room for right now: not started before this time.
+        self._fleet_until: dict[str, float] = {}
+        #: Attempts that submitted nothing because the fleet said wait: their pacing slot is given back.
+        self._fleet_refund: set[str] = set()
+        #: Holds the fleet has shown us (so one that disappears there was lifted by another relay).
+        self._fleet_seen: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ helpers
 
@@ -263,8 +278,15 @@ class Delivery:
         self._limits.clear()
 
     def _mailbox_limits(self, key: str) -> tuple[int, int]:
+        """(connections, per_minute) this relay may use for a mailbox (lower case) on its own: as
+        configured, or the fleet's fallback share while the fleet's Redis is away."""
+        limits = self.configured_limits(key)
+        return limits if self.fleet is None else self.fleet.local_limits(limits)
+
+    def configured_limits(self, key: str) -> tuple[int, int]:
         """(connections, per_minute) of a mailbox (lower case), from the settings (several times a message:
         remembered until the next reload)."""
+        key = _key(key)
         limits = self._limits.get(key)
         if limits is None:
             mbx = self.settings.mailbox(key)
@@ -369,7 +391,11 @@ class Delivery:
                 del self._inflight[entry.id]
             if counts:
                 self._busy[mailbox] = max(self._busy.get(mailbox, 1) - 1, 0)
-                self.pacer(mailbox).done(slot)
+                if entry.id in self._fleet_refund:
+                    self._fleet_refund.discard(entry.id)
+                    self.pacer(mailbox).cancel(slot)
+                else:
+                    self.pacer(mailbox).done(slot)
             self.wake()
 
         task.add_done_callback(finished)
@@ -389,7 +415,7 @@ class Delivery:
         """
         route = entry.route
         slot: int | None = None
-        if wait > 0 and not self._stopping and self.blocked(route) is None:
+        if wait > 0 and not self._stopping and self.blocked(route) is None and not self._fleet_waiting(route.mailbox):
             slot = self.pacer(route.mailbox).take()
         elif wait <= 0 and self._may_start(route):
             # Nobody waits (sync_wait 0), but a connection and a pacing slot are free: start the
@@ -400,6 +426,7 @@ class Delivery:
                 self._launch(entry, self._deliver(entry, None, body), slot, counts=True)
                 return self.queued_reply(entry)
         elif (wait <= 0 and not self._stopping and self.blocked(route) is None and self._ready_count < READY_MAX
+              and not self._fleet_waiting(route.mailbox)
               and self.pacer(route.mailbox).available() > 0 and self._queue_idle(self.clock())):
             # Every connection busy and nothing older waiting in the queue (which must not be
             # overtaken for long): next in line when a connection frees.
@@ -445,12 +472,30 @@ class Delivery:
         """One attempt and its bookkeeping. Never raises but for cancellation (stop): a message whose
         attempt was cancelled stays ACTIVE and is due again at the next start (spool recovery)."""
         outcome: Outcome | None = None
+        fleet, shared = self.fleet, None
         try:
             # Unless the listener still holds a small body: the path, not the bytes (upstream streams
             # the body from the spool file, so memory does not grow with message size).
             source = body if body is not None else self.spool.body_path(entry.id)
-            outcome = await self.submitter.submit(entry.route, entry.envelope, source, entry.pending_recipients)
+            if fleet is not None:  # beside the local pacer: the mailbox's minute across the fleet
+                shared = await fleet.take(entry.route.mailbox, len(entry.pending_recipients))
+            try:
+                outcome = await self.submitter.submit(entry.route, entry.envelope, source, entry.pending_recipients)
+                if fleet is not None and not outcome.delivered and outcome.verdict.code:
+                    # Exchange answered with a refusal: it did not count this one in its minute either.
+                    await fleet.cancel(shared)
+                    shared = None
+            except FleetWait:
+                if fleet is not None:
+                    await fleet.cancel(shared)
+                shared = None
+                raise
+            finally:
+                if fleet is not None:
+                    fleet.done(shared)
             return await self._record(entry, outcome, waiter)
+        except FleetWait as wait:
+            return await self._fleet_wait(entry, wait)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never let one message stop the scheduler; it stays in the spool
@@ -465,6 +510,66 @@ class Delivery:
                 await asyncio.to_thread(self.spool.defer, entry.id, next_attempt_at=self.clock() + LOCAL_ERROR_RETRY,
                                         reply=f"local error: {type(exc).__name__}", reason="local_error")
             return self.queued_reply(entry)
+
+    async def _fleet_wait(self, entry: Entry, wait: FleetWait) -> str:
+        """The fleet had no room (session slots, the minute, the daily recipients): nothing was sent.
+        The message goes back to the queue untouched (no attempt counted) and the mailbox waits."""
+        mailbox = _key(entry.route.mailbox)
+        now = self.clock()
+        self._fleet_refund.add(entry.id)
+        self._fleet_until[mailbox] = max(self._fleet_until.get(mailbox, 0.0), now + wait.seconds)
+        if wait.reason == "recipients_per_day" and ("mailbox", mailbox) not in self.blocks:
+            # Spent for the day: the mailbox waits (a hold that says why and when it frees), nothing bounces.
+            verdict = Verdict(Action.HOLD, "recipients_per_day",
+                              f"452 4.5.3 daily recipient budget of {mailbox} spent fleet-wide", Scope.MAILBOX,
+                              hint=f"frees in {round(wait.seconds / 60)} min; Exchange allows 10,000 a day")
+            self._block("hold", verdict, entry.route, until=now + wait.seconds)
+        await asyncio.to_thread(self.spool.unclaim, entry.id, now + wait.seconds, f"fleet: {wait.reason}")
+        self.wake()
+        return self.queued_reply(entry)
+
+    def _fleet_waiting(self, mailbox: str) -> bool:
+        until = self._fleet_until.get(_key(mailbox))
+        if until is None:
+            return False
+        if self.clock() >= until:
+            del self._fleet_until[_key(mailbox)]
+            return False
+        return True
+
+    def fleet_blocks(self, shared: dict[tuple[str, str], SharedBlock]) -> None:
+        """The fleet's holds and pauses (after each sync): take on those found by other relays, lift
+        the holds another relay's probe has released."""
+        now = self.clock()
+        changed = False
+        for key, remote in shared.items():
+            self._fleet_seen.add(key)
+            local = self.blocks.get(key)
+            if local is not None and (local.kind == "hold" or remote.kind == "pause"):
+                if remote.kind == "pause" and local.kind == "pause" and remote.until > local.until:
+                    local.until = remote.until
+                continue
+            if remote.kind == "pause" and remote.until <= now:
+                continue
+            until = now + self.probe_interval if remote.kind == "hold" else remote.until
+            self.blocks[key] = Block(kind=remote.kind, scope=remote.scope, name=remote.name, reason=remote.reason,
+                                     reply=remote.reply, hint=remote.hint, since=remote.since or now, until=until,
+                                     interval=self.probe_interval if remote.kind == "hold" else until - now)
+            log.log(logging.ERROR if remote.kind == "hold" else logging.WARNING,
+                    f"{remote.scope} {remote.name} {'on hold' if remote.kind == 'hold' else 'paused'} by the fleet: "
+                    f"{remote.reason}", extra={"event": f"fleet_{remote.kind}", remote.scope: remote.name,
+                                               "reason": remote.reason, "found_by": remote.by})
+            changed = True
+        for key in list(self._fleet_seen):
+            if key in shared:
+                continue
+            self._fleet_seen.discard(key)
+            local = self.blocks.get(key)
+            if local is not None and local.kind == "hold" and key not in self._probes:
+                self.release(*key, share=False)  # another relay's probe succeeded
+        if changed:
+            self._publish_holds()
+            self.wake()
 
     async def _record(self, entry: Entry, outcome: Outcome, waiter: _Waiter | None) -> str:
         verdict = outcome.verdict
@@ -584,7 +689,7 @@ class Delivery:
 
     # ------------------------------------------------------------------ holds and pauses
 
-    def _block(self, kind: str, verdict: Verdict, route: Route) -> None:
+    def _block(self, kind: str, verdict: Verdict, route: Route, until: float | None = None) -> None:
         """Hold or pause the verdict's scope. A block already in force keeps its timing: ten messages
         failing at once for one reason are one event, not ten."""
         scope = "app" if verdict.scope is Scope.APP else "mailbox"
@@ -606,7 +711,12 @@ class Delivery:
             retry = self.settings.delivery.retry
             interval = min(verdict.retry_after or retry.first, retry.max, PAUSE_MAX)
             until = now + interval if previous is None else max(previous.until, now + interval)
+        if kind == "hold" and until is not None and previous is None:
+            interval = max(until - now, self.probe_interval)
+            until = now + interval
         if previous is None or previous.kind != kind:
+            if self.fleet is not None:  # one relay found it: the whole fleet holds or pauses
+                self.fleet.share_block(kind, scope, name, verdict.reason, verdict.reply, verdict.hint, until - now)
             level = logging.ERROR if kind == "hold" else logging.WARNING
             log.log(level, f"{scope} {name} {'on hold' if kind == 'hold' else 'paused'}: {verdict.reason}", extra={
                 "event": f"{scope}_{kind}", scope: name, "reason": verdict.reason, "reply": verdict.reply,
@@ -616,11 +726,14 @@ class Delivery:
                                  until=until, interval=interval)
         self._publish_holds()
 
-    def release(self, scope: str, name: str) -> None:
-        """Lift a hold or pause; the messages waiting behind it are due at once."""
+    def release(self, scope: str, name: str, *, share: bool = True) -> None:
+        """Lift a hold or pause; the messages waiting behind it are due at once (fleet-wide unless
+        ``share`` is False: the fleet already knows)."""
         if scope == "mailbox":
             name = _key(name)
         block = self.blocks.pop((scope, name), None)
+        if share and self.fleet is not None:
+            self.fleet.lift(scope, name)
         if block is None:
             return
         log.info(f"{scope} {name} released", extra={"event": f"{scope}_released", scope: name,
@@ -666,6 +779,17 @@ class Delivery:
 
     async def _run_probe(self, key: tuple[str, str], route: Route) -> None:
         assert self.probe is not None
+        fleet = self.fleet
+        if fleet is not None:
+            block = self.blocks.get(key)
+            lease = max(block.interval if block else self.probe_interval, self.settings.delivery.timeout * 2)
+            if not await fleet.may_probe(*key, lease):
+                # Another relay probes it (or did, and its next probe is not due): ours waits one interval.
+                self._probes.pop(key, None)
+                if block is not None and block is self.blocks.get(key):
+                    block.until = self.clock() + block.interval
+                self.wake()
+                return
         try:
             verdict = await self.probe(route)
         except asyncio.CancelledError:
@@ -675,10 +799,16 @@ class Delivery:
         finally:
             self._probes.pop(key, None)
         block = self.blocks.get(key)
+        if fleet is not None:
+            # Success lifts the hold fleet-wide; a failure keeps the probe lease until the next probe
+            # is due, so the fleet probes once per interval, not once per relay.
+            next_in = min((block.interval if block else self.probe_interval) * 2,
+                          self.probe_interval * PROBE_BACKOFF_LIMIT)
+            await fleet.probe_done(*key, verdict.action is Action.DELIVERED, next_in)
         if block is None or block.kind != "hold":
             return
         if verdict.action is Action.DELIVERED:
-            self.release(block.scope, block.name)
+            self.release(block.scope, block.name, share=False)
             return
         now = self.clock()
         block.interval = min(block.interval * 2, self.probe_interval * PROBE_BACKOFF_LIMIT)
@@ -723,6 +853,8 @@ class Delivery:
         for mbx in self.settings.mailboxes:
             address = _key(mbx.address)
             if self.blocked(Route(app=mbx.app, mailbox=address, sender=address)) is not None:
+                continue
+            if self._fleet_waiting(address):
                 continue
             room = min(self.connections(address) - self.busy(address), self.pacer(address).available())
             if room > 0:
@@ -818,7 +950,7 @@ class Delivery:
 
     def _may_start(self, route: Route) -> bool:
         """Not stopping, not held or paused, and a connection of the mailbox free."""
-        return (not self._stopping and self.blocked(route) is None
+        return (not self._stopping and self.blocked(route) is None and not self._fleet_waiting(route.mailbox)
                 and self.busy(route.mailbox) < self.connections(route.mailbox))
 
     def _start(self, entry: Entry) -> None:
@@ -834,6 +966,7 @@ class Delivery:
 
     async def _requeue(self, entry: Entry) -> str:
         delay = self.pacer(entry.route.mailbox).delay()
+        delay = max(delay, self._fleet_until.get(_key(entry.route.mailbox), 0.0) - self.clock())
         block = self.blocked(entry.route)
         why = None
         if block is not None:
@@ -846,6 +979,7 @@ class Delivery:
         now = self.clock()
         candidates = [POLL_INTERVAL, self._next_sweep - now]
         candidates += [b.until - now for b in self.blocks.values()]
+        candidates += [t - now for t in self._fleet_until.values()]
         if next_due is not None and next_due > now:
             candidates.append(next_due - now)
         candidates += [d for p in self._pacers.values() if (d := p.delay()) > 0]

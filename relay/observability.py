@@ -88,6 +88,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._enabled: set[Any] = set()
         r = self.registry
         self.received = Counter("relay_messages_received", "Messages accepted from clients", registry=r)
         self.delivered_total = Counter("relay_messages_delivered", "Messages accepted by Exchange",
@@ -114,6 +115,23 @@ class Metrics:
         self.auth_failures = Counter("relay_client_auth_failures", "Failed client AUTH attempts", registry=r)
         self.reloads = Counter("relay_reload", "Configuration reloads (SIGHUP), by result: applied, refused "
                                "(would make an open relay), invalid (the file does not load)", ["result"], registry=r)
+        # The fleet (relay.fleet): exported only when fleet: is configured (enable_fleet).
+        self.fleet_connected = Gauge("relay_fleet_connected",
+                                     "1 while the fleet's Redis answers, 0 while this relay uses its fallback share",
+                                     registry=None)
+        self.fleet_waits = Counter("relay_fleet_waits", "Starts put off because the fleet was at a mailbox's limit",
+                                   ["mailbox", "limit"], registry=None)
+        self.fleet_calls = Counter("relay_fleet_redis_calls", "Round trips to the fleet's Redis, by call", ["call"],
+                                   registry=None)
+        self.fleet_call_seconds = Counter("relay_fleet_redis_seconds", "Time spent waiting for the fleet's Redis",
+                                          ["call"], registry=None)
+        self.fleet_slots = Gauge("relay_fleet_slots_in_use", "Exchange sessions open for a mailbox, fleet-wide",
+                                 ["mailbox"], registry=None)
+        self.fleet_minute = Gauge("relay_fleet_submissions_last_minute",
+                                  "Submissions for a mailbox in the last 60 s, fleet-wide", ["mailbox"], registry=None)
+        self.fleet_day = Gauge("relay_fleet_recipients_last_day",
+                               "Recipients submitted for a mailbox in the last 24 h, fleet-wide", ["mailbox"],
+                               registry=None)
 
     def attempt(self, mailbox: str, reason: str, seconds: float) -> None:
         self.attempts.labels(reason).observe(seconds)
@@ -138,6 +156,19 @@ class Metrics:
         self.hold.clear()
         for scope, name, reason in holds:
             self.hold.labels(scope, name, reason).set(1)
+
+    def enable_fleet(self) -> None:
+        """Export the fleet's metrics (a relay without ``fleet:`` does not show them at all)."""
+        for collector in (self.fleet_connected, self.fleet_waits, self.fleet_calls, self.fleet_call_seconds,
+                          self.fleet_slots, self.fleet_minute, self.fleet_day):
+            if collector not in self._enabled:
+                self.registry.register(collector)
+                self._enabled.add(collector)
+
+    def fleet_budget(self, mailbox: str, slots: int, last_minute: int, last_day: int) -> None:
+        self.fleet_slots.labels(mailbox).set(slots)
+        self.fleet_minute.labels(mailbox).set(last_minute)
+        self.fleet_day.labels(mailbox).set(last_day)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

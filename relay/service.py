@@ -30,6 +30,7 @@ from relay.delivery import Delivery
 from relay.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
 from relay.envelope import Envelope, Route
 from relay.errors import ConfigError, ListenError, SpoolError, SpoolFull, TokenError
+from relay.fleet import Fleet
 from relay.graph import GraphSender
 from relay.listener import (
     AuthLimiter,
@@ -121,8 +122,11 @@ class Relay:
         for provider in self.tokens:
             provider.on_acquired = self._token_acquired(provider.app.name)
             provider.on_failed = self._token_failed(provider.app.name)
+        # With a fleet, an idle session is closed soon: its slot is the whole fleet's.
+        idle_close = (min(settings.delivery.idle_close, settings.fleet.idle_release) if settings.fleet
+                      else settings.delivery.idle_close)
         self.pool = SessionPool(local_hostname=settings.hostname or socket.getfqdn() or "localhost",
-                                timeout=settings.delivery.timeout, idle_close=settings.delivery.idle_close)
+                                timeout=settings.delivery.timeout, idle_close=idle_close)
         providers = {p.app.name: p for p in self.tokens}
         # Microsoft Graph (sendMail) for mailboxes with ``transport: graph``; SMTP for the others.
         self.graph = (GraphSender.from_settings(settings, providers, environ=self.environ)
@@ -134,6 +138,14 @@ class Relay:
                                  committer=self.committer,
                                  sleep=sleep, probe=self.probe)
         self.delivery.on_dead = self.notify_dead
+        #: Optional: the mailboxes' limits shared with other relays through Redis (fleet: in the config).
+        self.fleet: Fleet | None = None
+        if settings.fleet is not None:
+            self.fleet = Fleet(settings.fleet, self.delivery.configured_limits, metrics=self.metrics)
+            self.fleet.on_blocks = self.delivery.fleet_blocks
+            self.fleet.on_state = self._fleet_state
+            self.pool.fleet = self.fleet
+            self.delivery.fleet = self.fleet
         self.listener_state = ListenerState(
             settings=settings,
             policy=Policy(settings),
@@ -147,6 +159,7 @@ class Relay:
         self._watchdog: asyncio.Task[None] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
         self.ports: list[int] = []
 
     # ------------------------------------------------------------------ wiring helpers
@@ -264,6 +277,15 @@ class Relay:
                        scope=Scope.MAILBOX, retry_after=None, evict_token=False, hint="", code=235,
                        enhanced="2.7.0")
 
+    def _fleet_state(self, connected: bool) -> None:
+        """Redis went away: keep no more idle sessions than the fallback share. Back: mail waits no more."""
+        if not connected and self.settings.fleet is not None:
+            keep = self.settings.fleet.fallback.connections
+            task = asyncio.ensure_future(self.pool.trim(keep))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self.delivery.wake()
+
     # ------------------------------------------------------------------ readiness
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -275,7 +297,13 @@ class Relay:
         listening = bool(self.servers) and all(s.is_serving() for s in self.servers)
         writable = self.spool.writable()
         ok = listening and writable and not holds and not pauses
-        return ok, {"listening": listening, "spool_writable": writable, "holds": holds, "pauses": pauses}
+        detail: dict[str, Any] = {"listening": listening, "spool_writable": writable, "holds": holds,
+                                  "pauses": pauses}
+        if self.fleet is not None:
+            # Redis away does not make the relay unready: mail flows on the fallback share.
+            detail["fleet"] = {"connected": self.fleet.connected, "instance": self.fleet.instance_id,
+                               "limits": "shared" if self.fleet.connected else "fallback share"}
+        return ok, detail
 
     def refresh_gauges(self) -> None:
         try:
@@ -302,6 +330,9 @@ class Relay:
             await asyncio.to_thread(tls_context_for, app)
         log.info("spool opened", extra={"event": "spool_opened", "path": str(self.settings.spool.path),
                                         "recovery": str(report)})
+        if self.fleet is not None:
+            # Bounded by fleet.deadline: without Redis the relay starts on its fallback share.
+            await self.fleet.start([m.address for m in self.settings.mailboxes], [a.name for a in self.settings.apps])
         self._scheduler = asyncio.get_running_loop().create_task(self.delivery.run(), name="scheduler")
         try:
             tls = listener_tls(self.settings, self.config_path or "<config>")
@@ -342,12 +373,15 @@ class Relay:
         await self.stop(grace=0)
 
     async def _housekeeping_loop(self) -> None:
-        """Close Exchange sessions idle longer than delivery.idle_close (QUIT, politely)."""
-        idle = self.settings.delivery.idle_close
+        """Close Exchange sessions idle longer than delivery.idle_close (fleet.idle_release with a
+        fleet), QUIT, politely."""
         while True:
+            idle = self.settings.delivery.idle_close
+            if self.settings.fleet is not None:
+                idle = min(idle, self.settings.fleet.idle_release)
             await asyncio.sleep(max(min(idle / 2, 30.0), 0.5))
             try:
-                closed = await self.pool.close_idle(older_than=self.settings.delivery.idle_close)
+                closed = await self.pool.close_idle(older_than=idle)
             except Exception as exc:  # housekeeping must never take the relay down
                 log.warning("closing idle sessions failed: %s", type(exc).__name__,
                             extra={"event": "housekeeping_error"})
@@ -393,7 +427,7 @@ class Relay:
             raise ReloadRefused(self.config_path or "<config>", key,
                                 f"{text} (judged against the listeners running now: a change of listen "
                                 "takes effect only after a restart)")
-        restart_needed = [k for k in ("listen", "apps", "mailboxes", "spool", "tls")
+        restart_needed = [k for k in ("listen", "apps", "mailboxes", "spool", "tls", "fleet")
                           if getattr(settings, k) != getattr(self.settings, k)]
         state = self.listener_state
         state.settings = settings
@@ -426,6 +460,8 @@ class Relay:
                 task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.pool.close_idle(), timeout=5)
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self.health is not None:
             self.health.stop()
         if self.graph is not None:

@@ -31,9 +31,11 @@ from relay.classify import Action, Scope, Stage, Verdict, classify_exception, cl
 from relay.config import AppSettings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
+from relay.fleet import FleetWait
 from relay.tokens import Token, TokenProvider
 
 if TYPE_CHECKING:
+    from relay.fleet import Fleet
     from relay.graph import GraphSender
 
 log = logging.getLogger("relay.upstream")
@@ -85,6 +87,8 @@ class _Session:
     mailbox: str
     last_used: float
     messages: int = 0
+    #: the fleet's lease on one of the mailbox's session slots (relay.fleet), held while the session is open
+    lease: str | None = None
 
 
 class SessionPool:
@@ -108,6 +112,9 @@ class SessionPool:
         self._open: dict[str, int] = {}
         self.connections_made = 0
         self.auth_count = 0
+        #: Optional: session slots shared with other relays. Every session opened holds a lease on one
+        #: of the mailbox's slots fleet-wide until it is closed (FleetWait when none is free).
+        self.fleet: Fleet | None = None
 
     def slots(self, mailbox: str, limit: int) -> asyncio.Semaphore:
         sem = self._slots.get(mailbox)
@@ -141,10 +148,16 @@ class SessionPool:
             start_tls=True,
             tls_context=tls_context_for(app),
         )
+        lease = await self.fleet.open_session(mailbox) if self.fleet is not None else None
         self.connections_made += 1
-        await smtp.connect()
+        try:
+            await smtp.connect()
+        except BaseException:
+            if self.fleet is not None:
+                self.fleet.close_session(lease)
+            raise
         self._open[mailbox] = self._open.get(mailbox, 0) + 1
-        session = _Session(smtp=smtp, token=token, mailbox=mailbox, last_used=self._clock())
+        session = _Session(smtp=smtp, token=token, mailbox=mailbox, last_used=self._clock(), lease=lease)
         try:
             await self.authenticate(session, token)
         except BaseException:
@@ -165,12 +178,35 @@ class SessionPool:
 
     def release(self, session: _Session) -> None:
         session.last_used = self._clock()
+        fleet = self.fleet
+        if fleet is not None and (fleet.wanted(session.mailbox) or self.open_sessions(session.mailbox) > (
+                fleet.session_share(fleet.limits(session.mailbox)[0]))):
+            # Another relay waits for a slot of this mailbox, or more are open than this relay's share
+            # while Redis is away: close rather than keep it idle.
+            self.discard(session)
+            return
         self._idle.setdefault(session.mailbox, []).append(session)
 
     def discard(self, session: _Session) -> None:
         if session.smtp.is_connected:
             session.smtp.close()
         self._open[session.mailbox] = max(self._open.get(session.mailbox, 1) - 1, 0)
+        if self.fleet is not None:
+            self.fleet.close_session(session.lease)
+            session.lease = None
+
+    async def trim(self, keep: int) -> int:
+        """Close idle sessions so that at most ``keep`` stay open per mailbox (the fleet's fallback
+        share after Redis went away)."""
+        closed = 0
+        for mailbox, idle in self._idle.items():
+            while idle and self.open_sessions(mailbox) > keep:
+                session = idle.pop(0)
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    await asyncio.wait_for(session.smtp.quit(), 5)
+                self.discard(session)
+                closed += 1
+        return closed
 
     async def close_idle(self, *, older_than: float | None = None) -> int:
         """QUIT idle sessions (all, or those idle longer than ``older_than`` seconds)."""
@@ -340,6 +376,9 @@ class Submitter:
             # Stopping: the half-used session is closed, never returned to the pool.
             if session is not None:
                 self._pool.discard(session)
+            raise
+        except FleetWait:
+            # No session slot free in the fleet: nothing was sent; the scheduler tries again later.
             raise
         except Exception as exc:  # network errors, and anything unexpected: never lose the message
             if session is not None:

@@ -248,6 +248,9 @@ class ExchangeSimulator:
         self._max_concurrent: dict[str, int] = collections.defaultdict(int)
         self._submissions: dict[str, deque[float]] = collections.defaultdict(deque)
         self._recipients: dict[str, deque[tuple[float, int]]] = collections.defaultdict(deque)
+        #: Limit refusals per mailbox and kind: ``thread_limit`` (432 4.3.2), ``rate`` (per minute),
+        #: ``quota`` (554 5.2.0 SubmissionQuotaExceeded, recipients per day).
+        self._refusals: dict[tuple[str, str], int] = collections.defaultdict(int)
         self._seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -466,6 +469,31 @@ class ExchangeSimulator:
                 dict(self._max_concurrent),
             )
 
+    def refusals(self, address: str | None = None) -> dict[str, int]:
+        """How often the per-mailbox limits were enforced (one mailbox, or all): kind -> count."""
+        out = {"thread_limit": 0, "rate": 0, "quota": 0}
+        with self._lock:
+            for (mailbox, kind), n in self._refusals.items():
+                if address is None or mailbox == address.lower():
+                    out[kind] += n
+        return out
+
+    def max_per_minute(self, address: str) -> int:
+        """The most messages of a mailbox accepted within any 60 s (as Exchange counts its minute)."""
+        with self._lock:
+            stamps = sorted(m.accepted_at for m in self._accepted if m.mailbox == address.lower())
+        best, first = 0, 0
+        for i, t in enumerate(stamps):
+            while t - stamps[first] >= 60:
+                first += 1
+            best = max(best, i - first + 1)
+        return best
+
+    def max_concurrent(self, address: str) -> int:
+        """The most authenticated sessions a mailbox ever had open at once."""
+        with self._lock:
+            return self._max_concurrent.get(address.lower(), 0)
+
     def concurrent_sessions(self, address: str) -> int:
         """Authenticated sessions open right now for a mailbox."""
         with self._lock:
@@ -627,11 +655,13 @@ class ExchangeSimulator:
             admitted = self._admitted[auth.mailbox]
             if id(protocol) not in admitted:
                 if len(admitted) >= self.limits.concurrent_sessions:
+                    self._refusals[(auth.mailbox, "thread_limit")] += 1
                     return f"{THREAD_LIMIT} {self.tail()}"
                 admitted.add(id(protocol))
             recent = self._submissions[auth.mailbox]
             _forget_before(recent, self._clock() - 60)
             if len(recent) >= self.limits.messages_per_minute:
+                self._refusals[(auth.mailbox, "rate")] += 1
                 return f"{RATE_LIMIT} {self.tail()}"
         return None
 
@@ -663,6 +693,7 @@ class ExchangeSimulator:
                 self.limits.recipients_per_day
             ):
                 detail = "SubmissionQuotaExceededException: recipient rate limit exceeded. "
+                self._refusals[(auth.mailbox, "quota")] += 1
                 return f"{QUOTA_EXCEEDED.format(detail=detail)} {self.tail()}"
             used.append((now, len(envelope.rcpt_tos)))
             self._submissions[auth.mailbox].append(now)
