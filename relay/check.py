@@ -2,7 +2,7 @@
 
 config valid -> token acquired -> token claims (audience, tenant, SMTP.SendAsApp role, expiry) ->
 TCP + STARTTLS to the SMTP host (certificate valid) -> AUTH XOAUTH2 per mailbox -> optional test
-message. Each failure names the admin step to fix (EXCHANGE.md's numbered steps, see relay.hints)
+message. Each failure names the admin step to fix (docs/exchange.md, "Admin setup"; see relay.hints)
 with the PowerShell or portal action filled in from the config.
 
 The token is decoded for inspection, never printed; neither is any secret. A step that cannot run
@@ -57,7 +57,7 @@ _MIN_TOKEN_LIFETIME = 300.0
 @dataclass
 class Step:
     """One line of the checklist. ``kind`` is stable (config, token, claims, tcp, starttls, auth, send)
-    so scripts and tests can branch on it; ``admin_step`` is EXCHANGE.md's step number to fix."""
+    so scripts and tests can branch on it; ``admin_step`` is the admin step to fix (docs/exchange.md, "Admin setup")."""
 
     name: str
     ok: bool

@@ -1,6 +1,6 @@
 """One classifier for every upstream outcome: each Exchange reply or exception becomes one Verdict.
 
-The reply table is EXCHANGE.md's "Replies and what the relay does with them", kept here as data
+The reply table is docs/exchange.md's "Reply codes", kept here as data
 (:data:`RULES`): the first rule whose reply code, enhanced status code, stable text token and stage
 all match decides. Matching never looks at the bracketed tail (``[Hostname=... ]``), which varies.
 

@@ -136,7 +136,7 @@ class CloudPreset(_Model):
     graph_scope: str = "https://graph.microsoft.com/.default"
 
 
-#: EXCHANGE.md "Clouds". DoD, China and HVE hosts are marked unverified there: every value is
+#: docs/exchange.md, "Clouds". DoD, China and HVE hosts are marked unverified there: every value is
 #: overridable per app (authority_host, scope, smtp_host) and per mailbox (pacing).
 CLOUDS: Mapping[Cloud, CloudPreset] = {
     Cloud.GLOBAL: CloudPreset(authority_host="https://login.microsoftonline.com",

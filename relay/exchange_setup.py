@@ -1,6 +1,6 @@
 """``oauth-smtp-relay exchange-setup``: the admin's to-do list, filled in from the relay's config.
 
-Prints, per app registration, what EXCHANGE.md's admin setup asks for (steps 2-6): the API permission
+Prints, per app registration, what docs/exchange.md's "Admin setup" asks for (steps 2-6): the API permission
 and admin consent (with the multi-tenant consent URL on the app's own cloud), then the Exchange Online
 PowerShell: ``New-ServicePrincipal`` (with the Enterprise-application Object ID warning, the classic
 cause of 535 5.7.3), ``Add-MailboxPermission`` per mailbox, ``Add-RecipientPermission`` for every
@@ -29,7 +29,7 @@ _EXACT_ADDRESS = re.compile(r"^[^@\s*?\[\]]+@[^@\s*?\[\]]+$")
 
 
 def admin_consent_url(app: AppSettings, redirect_uri: str = "<REDIRECT_URI>") -> str:
-    """The multi-tenant admin-consent URL (EXCHANGE.md step 3) on the app's cloud."""
+    """The multi-tenant admin-consent URL (admin step 3, docs/exchange.md) on the app's cloud."""
     redirect = redirect_uri if redirect_uri.startswith("<") else quote(redirect_uri, safe="")
     return (f"{app.effective_authority_host}/{app.tenant_id}/v2.0/adminconsent"
             f"?client_id={app.client_id}&redirect_uri={redirect}&scope={app.effective_scope}")

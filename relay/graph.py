@@ -7,7 +7,7 @@ application permission). The token comes from the app registration's one MSAL ap
 scope (:meth:`relay.tokens.TokenProvider.get` with ``scope=``): cached, single-flight, refreshed ahead.
 
 Why the recipient headers are rewritten: Graph has no envelope. It rebuilds the recipients from the
-``To``, ``Cc`` and ``Bcc`` headers of the MIME, and DESIGN.md says the envelope is the truth. So:
+``To``, ``Cc`` and ``Bcc`` headers of the MIME, and the envelope is the truth (docs/architecture.md, invariant 9). So:
 
 * an envelope recipient missing from those headers (a Bcc the client put only in RCPT TO, an alias
   expanded by an MTA in front of us) is added to a ``Bcc`` header, or Graph would never deliver to it;

@@ -1,7 +1,7 @@
 """Admin hints: what an administrator must do when Entra ID or Exchange Online says no.
 
 Shared by the classifier (the hint travels with a verdict into logs and the dead-letter record) and
-by the ``check`` command. The steps are EXCHANGE.md's "Admin setup" list, numbered the same way, so a
+by the ``check`` command. The steps are docs/exchange.md's "Admin setup" list, numbered the same way, so a
 log line can say "admin step 5" and the docs, ``check`` and this module agree on what that means.
 Fix texts hold placeholders in angle brackets (``<MAILBOX>``); :meth:`Step.render` fills them in.
 """

@@ -92,7 +92,7 @@ def test_config_fleet_defaults() -> None:
     ({"redis": "http://redis:6379"}, "fleet.redis", "redis://"),
     ({"redis": "redis://:secret@redis:6379"}, "fleet.redis", "password_file"),
     ({"redis": "redis://r", "lease_ttl": 2, "sync_interval": 1}, "fleet", "three times sync_interval"),
-    ({"redis": "redis://r", "fallback": {"connections": 0}}, "fleet.fallback.connections", "greater than"),
+    ({"redis": "redis://r", "fallback": {"connections": 0}}, "fleet.fallback.connections", "at least 1"),
     ({"redis": "redis://r", "instanceid": "x"}, "fleet.instanceid", "instance_id"),
 ])
 def test_config_fleet_errors_name_key_and_fix(fleet: dict[str, Any], key: str, words: str) -> None:

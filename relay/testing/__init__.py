@@ -1,7 +1,7 @@
 """The simulated Microsoft 365 used by tests, ``oauth-smtp-relay demo`` and the benchmarks.
 
 Real protocols on loopback only (HTTPS token endpoint for MSAL, SMTP with STARTTLS for the relay),
-faithful to ``EXCHANGE.md``. Never imported by the relay pipeline.
+faithful to ``docs/exchange.md``. Never imported by the relay pipeline.
 """
 
 from relay.testing.certs import (

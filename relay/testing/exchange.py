@@ -4,7 +4,7 @@ Why: the relay's upstream code must meet Exchange's real protocol and real reply
 before AUTH, ``AUTH LOGIN XOAUTH2`` only, token and permission checks answered with ``535 5.7.3`` /
 ``5.7.139``, SendAs refusals at MAIL and after DATA, the per-mailbox limits - and its failure modes
 (421 at connect, 4xx at any stage, a connection dropped mid-DATA, a slow server). aiosmtpd does the
-SMTP parsing; this module adds Exchange's behaviour as told by ``EXCHANGE.md``.
+SMTP parsing; this module adds Exchange's behaviour as told by ``docs/exchange.md``.
 
 The protocol runs on its own event loop in a daemon thread (:meth:`ExchangeSimulator.start`), so a
 synchronous test and an asyncio test drive it the same way. State, switches and counters are guarded
@@ -1031,7 +1031,7 @@ class _WireSMTP(ChunkingMixin, _ExchangeSMTP):
 
 
 def xoauth2_initial_response(user: str, token: str) -> str:
-    """base64 of ``user=<mailbox>\\x01auth=Bearer <token>\\x01\\x01`` (EXCHANGE.md's format)."""
+    """base64 of ``user=<mailbox>\\x01auth=Bearer <token>\\x01\\x01`` (docs/exchange.md, "XOAUTH2")."""
     return base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode()).decode("ascii")
 
 
