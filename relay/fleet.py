@@ -39,14 +39,14 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
-
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
+from typing import TYPE_CHECKING, Any
 
 from relay.config import FleetSettings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+# redis is imported when a fleet is configured, not by every relay (about 6 MB of memory at start).
 
 log = logging.getLogger("relay.fleet")
 
@@ -271,6 +271,10 @@ class Fleet:
         self.metrics = metrics
         if metrics is not None:
             metrics.enable_fleet()
+        from redis.exceptions import RedisError
+
+        #: What a failed Redis call raises (besides FleetUnavailable's causes below).
+        self._redis_error: type[Exception] = RedisError
         self.redis = client or _client(settings)
         self.connected = False
         self.counters = FleetCounters()
@@ -316,7 +320,7 @@ class Fleet:
         self.counters.calls += 1
         try:
             return await asyncio.wait_for(coro, self.settings.deadline)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (self._redis_error, OSError, TimeoutError) as exc:
             self.counters.failures += 1
             self._lost(what, exc)
             raise FleetUnavailable(what) from None
@@ -602,7 +606,7 @@ class Fleet:
             results = await self._call("sync", pipe.execute())
         except FleetUnavailable:
             return
-        except RedisError as exc:  # e.g. NOSCRIPT inside a pipeline after a Redis restart
+        except self._redis_error as exc:  # e.g. NOSCRIPT inside a pipeline after a Redis restart
             self._lost("sync", exc)
             return
         forming = int(results[0])
@@ -716,6 +720,10 @@ def _safe_url(url: str) -> str:
 def _client(settings: FleetSettings) -> aioredis.Redis:
     """An asyncio Redis client: every socket step bounded by the deadline, no retries of its own
     (the relay falls back instead of waiting), TLS verified for ``rediss://``."""
+    import redis.asyncio as aioredis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     kwargs: dict[str, Any] = {
         "socket_timeout": settings.deadline,
         "socket_connect_timeout": settings.deadline,

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import jwt
 import requests
 
 from relay.blocking import call_with_deadline
@@ -103,6 +102,8 @@ def check_graph_claims(token: Token | str, now: float | None = None) -> tuple[bo
     audience Microsoft Graph, not expired, ``roles`` containing ``Mail.Send``. Never returns the token.
     """
     value = token.value if isinstance(token, Token) else token
+    import jwt  # loaded when a Graph token is inspected, not at start
+
     try:
         claims: dict[str, Any] = dict(jwt.decode(value, options={"verify_signature": False}))
     except jwt.PyJWTError:

@@ -31,13 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
 import msal
 import msal.exceptions
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.serialization import pkcs12
 
 from relay.blocking import call_with_deadline
 from relay.config import AppSettings
@@ -65,6 +61,8 @@ class Token:
 
     def claims(self) -> dict[str, Any]:
         """The token's claims, decoded for inspection only (never trusted, never printed whole)."""
+        import jwt  # with cryptography, ~9 MB: loaded when a token is first inspected, not at start
+
         try:
             return dict(jwt.decode(self.value, options={"verify_signature": False}))
         except jwt.PyJWTError:
@@ -136,6 +134,11 @@ def build_credential(app: AppSettings, file: str = "<config>") -> str | dict[str
             return Path(path).read_text(encoding="utf-8").strip()
 
         return {"client_assertion": read_assertion}
+    # cryptography (~8 MB) only for certificate credentials.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
     cert = app.certificate
     assert cert is not None  # guaranteed by AppSettings validation
     key = f"apps[{app.name}].certificate"
