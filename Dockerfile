@@ -15,7 +15,11 @@ WORKDIR /src
 COPY . /src
 RUN python3 -m venv /opt/oauth-smtp-relay \
  && /opt/oauth-smtp-relay/bin/pip install --no-cache-dir /src \
+ && /opt/oauth-smtp-relay/bin/oauth-smtp-relay --version \
+ && /opt/oauth-smtp-relay/bin/python -m pip uninstall --yes --quiet pip setuptools \
+ && find /opt/oauth-smtp-relay -name '*.dist-info' -prune -o -type d -name tests -prune -exec rm -rf {} + \
  && /opt/oauth-smtp-relay/bin/oauth-smtp-relay --version
+# The runtime layer carries no installer: pip and setuptools (~23 MB) leave the venv after the install.
 
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="oauth-smtp-relay" \
