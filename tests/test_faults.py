@@ -1,4 +1,4 @@
-"""Issue 3: faults of the simulated Microsoft 365, end to end through the real listener.
+"""Faults of the simulated Microsoft 365, end to end through the real listener.
 
 Each test flips a switch of the simulated Exchange or Entra ID the way the world would (a throttle, a
 dropped connection, an admin revoking or granting a permission), sends mail with smtplib and checks

@@ -1,4 +1,4 @@
-"""Issue 7, item 5: the Microsoft Graph transport against the simulated Graph endpoint.
+"""The Microsoft Graph transport against the simulated Graph endpoint.
 
 Real HTTPS on loopback (the simulator's certificates), the real MSAL for the Graph token, the real
 relay for the end-to-end cases; a fake clock where the scheduler's timing matters (429 Retry-After).

@@ -1,4 +1,4 @@
-"""Issue 3: a burst for one mailbox waits in the spool instead of hitting Exchange's 30 messages/minute.
+"""Pacing: a burst for one mailbox waits in the spool instead of hitting Exchange's 30 messages/minute.
 
 The relay and the simulated Microsoft 365 share one fake clock: the simulated Exchange stamps each
 accepted message with it (and enforces its own 30/minute limit with it), and the relay's scheduler

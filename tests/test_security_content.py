@@ -23,7 +23,7 @@ from relay.testing.exchange import ExchangeLimits
 from relay.testing.harness import RelayProcess, RelayThread, free_port, relay_config, wait_until, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from tests.conftest import RelayFactory
-from tests.test_security_support import RawSMTP
+from tests.smtp_client import RawSMTP
 
 RCPT = "someone@fabrikam.example"
 SMUGGLED_RCPT = "smuggled@evil.example"

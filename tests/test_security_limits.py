@@ -1,4 +1,4 @@
-"""Issue 4, abuse limits: failed logins, connections, idle clients. Real sockets, bounded waits."""
+"""Abuse limits: failed logins, connections, idle clients. Real sockets, bounded waits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from relay.listener import AuthLimiter
 from relay.testing.harness import RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from tests.conftest import RelayFactory
-from tests.test_security_support import RawSMTP, plain_blob, simple_body
+from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 FAST_TARPIT = {"delay": 0.001, "max_delay": 0.005}
