@@ -1,4 +1,4 @@
-"""The classifier, row by row of EXCHANGE.md's reply table, plus exceptions and hints."""
+"""The classifier, row by row of the reply table in docs/exchange.md, plus exceptions and hints."""
 
 from __future__ import annotations
 
