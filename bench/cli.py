@@ -570,11 +570,6 @@ async def _paired_latency(sim: SimProcess, token: str, relay_port: int, msgs: li
     return d, r
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) from /proc/PID/stat."""
-    return sum(cpu_split(pid))
-
-
 def cpu_split(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process (all its threads) from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
