@@ -1,5 +1,5 @@
 """``python -m bench``: the relay as a real process against the simulated Microsoft 365, with the peers
-measured in the same run, and one table with the targets of issue 6.
+measured in the same run, and one table with the project's speed and memory targets.
 
 See bench/README.md for what each row measures and how to read it.
 """
@@ -570,11 +570,6 @@ async def _paired_latency(sim: SimProcess, token: str, relay_port: int, msgs: li
     return d, r
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) from /proc/PID/stat."""
-    return sum(cpu_split(pid))
-
-
 def cpu_split(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process (all its threads) from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -665,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Benchmark the relay (a real `python -m relay serve` process) against the simulated Microsoft "
                     "365, with Postfix and email-oauth2-proxy measured in the same run; prints a table and the "
-                    "issue 6 targets. Loopback only; every load is bounded in count and time.",
+                    "speed and memory targets. Loopback only; every load is bounded in count and time.",
     )
     p.add_argument("--quick", action="store_true", help="smoke run of a few seconds with small counts (CI)")
     p.add_argument("--peers", choices=["auto", "none"], default=None,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -21,18 +21,36 @@ def m365(tmp_path: Path) -> Iterator[SimulatedM365]:
         sim.stop()
 
 
-RelayFactory = Callable[..., RelayThread]
+class RelayFactory(Protocol):
+    def __call__(self, *, build: Callable[[Path], Mapping[str, Any]] | None = None,
+                 clock: Callable[[], float] | None = None, prepare: Callable[[RelayThread], None] | None = None,
+                 **overrides: Any) -> RelayThread: ...
 
 
 @pytest.fixture
 def relay_factory(m365: SimulatedM365, tmp_path: Path) -> Iterator[RelayFactory]:
-    """``relay_factory(section=overrides, ...)`` starts a relay (in a thread) against ``m365``."""
+    """The one way a test starts a relay in a thread; every relay it started is stopped at the end.
+
+    ``relay_factory(section=overrides, ...)`` runs against ``m365`` with :func:`relay_config` and the
+    overrides; ``build(workdir)`` gives a config of the test's own instead. ``clock`` replaces the wall
+    clock; ``prepare(relay)`` sets a knob before the relay starts.
+    """
     started: list[RelayThread] = []
 
-    def make(**overrides: Any) -> RelayThread:
+    def make(*, build: Callable[[Path], Mapping[str, Any]] | None = None,
+             clock: Callable[[], float] | None = None, prepare: Callable[[RelayThread], None] | None = None,
+             **overrides: Any) -> RelayThread:
         workdir = tmp_path / f"relay{len(started)}"
         workdir.mkdir()
-        relay = RelayThread.from_dict(relay_config(m365, workdir, overrides=overrides)).start()
+        if build is not None:
+            assert not overrides, "give the overrides to build()"
+            config = build(workdir)
+        else:
+            config = relay_config(m365, workdir, overrides=overrides)
+        relay = RelayThread.from_dict(config) if clock is None else RelayThread.from_dict(config, clock=clock)
+        if prepare is not None:
+            prepare(relay)
+        relay.start()
         started.append(relay)
         return relay
 

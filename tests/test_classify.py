@@ -1,10 +1,11 @@
-"""The classifier, row by row of EXCHANGE.md's reply table, plus exceptions and hints."""
+"""The classifier, row by row of the reply table in docs/exchange.md, plus exceptions and hints."""
 
 from __future__ import annotations
 
 import errno
 import socket
 import ssl
+from dataclasses import dataclass
 
 import aiosmtplib
 import pytest
@@ -31,539 +32,243 @@ TAILS = (
 
 D, R, H, F = Action.DELIVERED, Action.RETRY, Action.HOLD, Action.FAILED
 
-# (id, code, text without tail, stage, action, reason, scope, retry_after, evict_token, hint must contain)
-TABLE = [
-    (
-        "235 authenticated",
-        235,
-        "2.7.0 Authentication successful",
-        Stage.AUTH,
-        D,
-        "accepted",
-        Scope.MESSAGE,
-        None,
-        False,
-        "",
+
+@dataclass(frozen=True)
+class Row:
+    """One reply of the table: what Exchange says at a stage, and the verdict the relay must reach."""
+
+    id: str
+    code: int
+    text: str  # without the bracketed tail
+    stage: Stage
+    action: Action
+    reason: str
+    scope: Scope
+    retry_after: float | None = None
+    evict_token: bool = False
+    hint: str = ""  # the hint must contain this
+
+
+TABLE: list[Row] = [
+    Row(
+        "235 authenticated", code=235, text="2.7.0 Authentication successful", stage=Stage.AUTH, action=D,
+        reason="accepted", scope=Scope.MESSAGE,
     ),
-    (
-        "250 at DATA",
-        250,
-        "2.0.0 OK <BN8PR12MB3364@contoso.com> Queued mail for delivery",
-        Stage.DATA,
-        D,
-        "delivered",
-        Scope.MESSAGE,
-        None,
-        False,
-        "",
+    Row(
+        "250 at DATA", code=250, text="2.0.0 OK <BN8PR12MB3364@contoso.com> Queued mail for delivery", stage=Stage.DATA,
+        action=D, reason="delivered", scope=Scope.MESSAGE,
     ),
-    ("250 at RCPT", 250, "2.1.5 Recipient OK", Stage.RCPT, D, "accepted", Scope.RECIPIENT, None, False, ""),
-    (
-        "535 5.7.3",
-        535,
-        "5.7.3 Authentication unsuccessful",
-        Stage.AUTH,
-        H,
-        "auth_failed",
-        Scope.MAILBOX,
-        None,
-        False,
-        "steps 2",
+    Row(
+        "250 at RCPT", code=250, text="2.1.5 Recipient OK", stage=Stage.RCPT, action=D, reason="accepted",
+        scope=Scope.RECIPIENT,
     ),
-    (
-        "535 5.7.139 tenant",
-        535,
-        "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for"
-        " the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
-        Stage.AUTH,
-        H,
-        "auth_disabled",
-        Scope.MAILBOX,
-        None,
-        False,
-        "Set-CASMailbox",
+    Row(
+        "535 5.7.3", code=535, text="5.7.3 Authentication unsuccessful", stage=Stage.AUTH, action=H,
+        reason="auth_failed", scope=Scope.MAILBOX, hint="steps 2",
     ),
-    (
-        "535 5.7.139 mailbox",
-        535,
-        "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"
-        " for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information.",
-        Stage.AUTH,
-        H,
-        "auth_disabled",
-        Scope.MAILBOX,
-        None,
-        False,
-        "Set-CASMailbox",
+    Row(
+        "535 5.7.139 tenant", code=535,
+        text="5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for"
+             " the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+        stage=Stage.AUTH, action=H, reason="auth_disabled", scope=Scope.MAILBOX, hint="Set-CASMailbox",
     ),
-    (
-        "535 5.7.139 security defaults",
-        535,
-        "5.7.139 Authentication unsuccessful, user is locked by your"
-        " organization's security defaults policy. Contact your administrator.",
-        Stage.AUTH,
-        H,
-        "auth_disabled",
-        Scope.MAILBOX,
-        None,
-        False,
-        "security defaults",
+    Row(
+        "535 5.7.139 mailbox", code=535,
+        text="5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"
+             " for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information.",
+        stage=Stage.AUTH, action=H, reason="auth_disabled", scope=Scope.MAILBOX, hint="Set-CASMailbox",
     ),
-    (
-        "535 5.7.139 conditional access",
-        535,
-        "5.7.139 Authentication unsuccessful, the request did not meet the"
-        " criteria to be authenticated successfully. Contact your administrator.",
-        Stage.AUTH,
-        H,
-        "auth_disabled",
-        Scope.MAILBOX,
-        None,
-        False,
-        "Set-CASMailbox",
+    Row(
+        "535 5.7.139 security defaults", code=535,
+        text="5.7.139 Authentication unsuccessful, user is locked by your"
+             " organization's security defaults policy. Contact your administrator.",
+        stage=Stage.AUTH, action=H, reason="auth_disabled", scope=Scope.MAILBOX, hint="security defaults",
     ),
-    (
-        "550 5.7.30 basic auth",
-        550,
-        "5.7.30 Basic authentication is not supported for Client Submission.",
-        Stage.AUTH,
-        H,
-        "basic_auth_rejected",
-        Scope.APP,
-        None,
-        False,
-        "XOAUTH2",
+    Row(
+        "535 5.7.139 conditional access", code=535,
+        text="5.7.139 Authentication unsuccessful, the request did not meet the"
+             " criteria to be authenticated successfully. Contact your administrator.",
+        stage=Stage.AUTH, action=H, reason="auth_disabled", scope=Scope.MAILBOX, hint="Set-CASMailbox",
     ),
-    (
-        "530 5.7.57 not authenticated",
-        530,
-        "5.7.57 Client not authenticated to send mail.",
-        Stage.MAIL,
-        H,
-        "not_authenticated",
-        Scope.APP,
-        None,
-        False,
-        "XOAUTH2",
+    Row(
+        "550 5.7.30 basic auth", code=550, text="5.7.30 Basic authentication is not supported for Client Submission.",
+        stage=Stage.AUTH, action=H, reason="basic_auth_rejected", scope=Scope.APP, hint="XOAUTH2",
     ),
-    (
-        "530 5.7.57 caused by 5.7.139",
-        530,
-        "5.7.57 Client not authenticated to send mail. Error: 535 5.7.139"
-        " Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
-        Stage.MAIL,
-        H,
-        "auth_disabled",
-        Scope.MAILBOX,
-        None,
-        False,
-        "Set-CASMailbox",
+    Row(
+        "530 5.7.57 not authenticated", code=530, text="5.7.57 Client not authenticated to send mail.",
+        stage=Stage.MAIL, action=H, reason="not_authenticated", scope=Scope.APP, hint="XOAUTH2",
     ),
-    (
-        "432 4.3.2 thread limit",
-        432,
-        "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
-        Stage.DATA,
-        R,
-        "throttled_connections",
-        Scope.MAILBOX,
-        60.0,
-        False,
-        "connections",
+    Row(
+        "530 5.7.57 caused by 5.7.139", code=530,
+        text="5.7.57 Client not authenticated to send mail. Error: 535 5.7.139"
+             " Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+        stage=Stage.MAIL, action=H, reason="auth_disabled", scope=Scope.MAILBOX, hint="Set-CASMailbox",
     ),
-    (
-        "432 4.3.2 concurrent",
-        432,
-        "4.3.2 Concurrent connections limit exceeded. Visit"
-        " https://aka.ms/concurrent_sending for more information.",
-        Stage.EHLO,
-        R,
-        "throttled_connections",
-        Scope.MAILBOX,
-        60.0,
-        False,
-        "connections",
+    Row(
+        "432 4.3.2 thread limit", code=432, text="4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+        stage=Stage.DATA, action=R, reason="throttled_connections", scope=Scope.MAILBOX, retry_after=60.0,
+        hint="connections",
     ),
-    (
-        "421 4.4.2 rate",
-        421,
-        "4.4.2 Message submission rate for this client has exceeded the configured limit",
-        Stage.MAIL,
-        R,
-        "rate_limited",
-        Scope.MAILBOX,
-        60.0,
-        False,
-        "",
+    Row(
+        "432 4.3.2 concurrent", code=432,
+        text="4.3.2 Concurrent connections limit exceeded. Visit"
+             " https://aka.ms/concurrent_sending for more information.",
+        stage=Stage.EHLO, action=R, reason="throttled_connections", scope=Scope.MAILBOX, retry_after=60.0,
+        hint="connections",
     ),
-    (
-        "421 4.4.2 dropped",
-        421,
-        "4.4.2 Connection dropped due to TimedOut",
-        Stage.DATA,
-        R,
-        "transient",
-        Scope.MESSAGE,
-        None,
-        False,
-        "",
+    Row(
+        "421 4.4.2 rate", code=421,
+        text="4.4.2 Message submission rate for this client has exceeded the configured limit", stage=Stage.MAIL,
+        action=R, reason="rate_limited", scope=Scope.MAILBOX, retry_after=60.0,
     ),
-    (
-        "421 4.3.2",
-        421,
-        "4.3.2 Service not available, closing transmission channel",
-        Stage.MAIL,
-        R,
-        "transient",
-        Scope.MESSAGE,
-        None,
-        False,
-        "",
+    Row(
+        "421 4.4.2 dropped", code=421, text="4.4.2 Connection dropped due to TimedOut", stage=Stage.DATA, action=R,
+        reason="transient", scope=Scope.MESSAGE,
     ),
-    (
-        "451 4.7.0",
-        451,
-        "4.7.0 Temporary server error. Please try again later. PRX4",
-        Stage.DATA,
-        R,
-        "transient",
-        Scope.MESSAGE,
-        None,
-        False,
-        "",
+    Row(
+        "421 4.3.2", code=421, text="4.3.2 Service not available, closing transmission channel", stage=Stage.MAIL,
+        action=R, reason="transient", scope=Scope.MESSAGE,
     ),
-    (
-        "450 other 4xx",
-        450,
-        "4.7.26 Temporary failure, try later",
-        Stage.MAIL,
-        R,
-        "transient",
-        Scope.MESSAGE,
-        None,
-        False,
-        "",
+    Row(
+        "451 4.7.0", code=451, text="4.7.0 Temporary server error. Please try again later. PRX4", stage=Stage.DATA,
+        action=R, reason="transient", scope=Scope.MESSAGE,
     ),
-    (
-        "454 4xx at AUTH",
-        454,
-        "4.7.0 Temporary authentication failure",
-        Stage.AUTH,
-        R,
-        "transient",
-        Scope.MESSAGE,
-        None,
-        False,
-        "",
+    Row(
+        "450 other 4xx", code=450, text="4.7.26 Temporary failure, try later", stage=Stage.MAIL, action=R,
+        reason="transient", scope=Scope.MESSAGE,
     ),
-    (
-        "501 5.5.127",
-        501,
-        "5.5.127 Token will expire soon.",
-        Stage.MAIL,
-        R,
-        "token_expiring",
-        Scope.MESSAGE,
-        0.0,
-        True,
-        "",
+    Row(
+        "454 4xx at AUTH", code=454, text="4.7.0 Temporary authentication failure", stage=Stage.AUTH, action=R,
+        reason="transient", scope=Scope.MESSAGE,
     ),
-    (
-        "554 5.2.0 SubmissionQuotaExceeded",
-        554,
-        "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException;"
-        " Failed to process message due to a permanent exception with message"
-        " [BeginDiagnosticData]Message submission quota exceeded.[EndDiagnosticData]",
-        Stage.DATA,
-        R,
-        "quota_exceeded",
-        Scope.MAILBOX,
-        3600.0,
-        False,
-        "10,000",
+    Row(
+        "501 5.5.127", code=501, text="5.5.127 Token will expire soon.", stage=Stage.MAIL, action=R,
+        reason="token_expiring", scope=Scope.MESSAGE, retry_after=0.0, evict_token=True,
     ),
-    (
-        "550 5.7.60 MAIL",
-        550,
-        "5.7.60 SMTP; Client does not have permissions to send as this sender",
-        Stage.MAIL,
-        F,
-        "sendas_denied",
-        Scope.MESSAGE,
-        None,
-        False,
-        "Add-RecipientPermission",
+    Row(
+        "554 5.2.0 SubmissionQuotaExceeded", code=554,
+        text="5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException;"
+             " Failed to process message due to a permanent exception with message"
+             " [BeginDiagnosticData]Message submission quota exceeded.[EndDiagnosticData]",
+        stage=Stage.DATA, action=R, reason="quota_exceeded", scope=Scope.MAILBOX, retry_after=3600.0, hint="10,000",
     ),
-    (
-        "554 5.2.252 SendAsDenied",
-        554,
-        "5.2.252 SendAsDenied; noreply@contoso.com not allowed to send as"
-        " erp@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied;"
-        " Failed to process message due to a permanent exception with message"
-        " [BeginDiagnosticData]Cannot submit message.[EndDiagnosticData]",
-        Stage.DATA,
-        F,
-        "sendas_denied",
-        Scope.MESSAGE,
-        None,
-        False,
-        "Add-RecipientPermission",
+    Row(
+        "550 5.7.60 MAIL", code=550, text="5.7.60 SMTP; Client does not have permissions to send as this sender",
+        stage=Stage.MAIL, action=F, reason="sendas_denied", scope=Scope.MESSAGE, hint="Add-RecipientPermission",
     ),
-    (
-        "554 5.2.2 mailbox full",
-        554,
-        "5.2.2 mailbox full; STOREDRV.Submission.Exception:"
-        "QuotaExceededException.MapiExceptionQuotaExceeded; Failed to process message due to a permanent"
-        " exception with message [BeginDiagnosticData]Cannot save changes made to an item to store."
-        "[EndDiagnosticData]",
-        Stage.DATA,
-        F,
-        "mailbox_full",
-        Scope.MESSAGE,
-        None,
-        False,
-        "Sent Items",
+    Row(
+        "554 5.2.252 SendAsDenied", code=554,
+        text="5.2.252 SendAsDenied; noreply@contoso.com not allowed to send as"
+             " erp@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied;"
+             " Failed to process message due to a permanent exception with message"
+             " [BeginDiagnosticData]Cannot submit message.[EndDiagnosticData]",
+        stage=Stage.DATA, action=F, reason="sendas_denied", scope=Scope.MESSAGE, hint="Add-RecipientPermission",
     ),
-    (
-        "554 5.2.0 MessageSubmissionExceeded",
-        554,
-        "5.2.0 STOREDRV.Submission.Exception:"
-        "MessageSubmissionExceededException; Failed to process message due to a permanent exception with"
-        " message [BeginDiagnosticData]Message size exceeds the maximum allowed.[EndDiagnosticData]",
-        Stage.DATA,
-        F,
-        "too_big",
-        Scope.MESSAGE,
-        None,
-        False,
-        "MaxSendSize",
+    Row(
+        "554 5.2.2 mailbox full", code=554,
+        text="5.2.2 mailbox full; STOREDRV.Submission.Exception:"
+             "QuotaExceededException.MapiExceptionQuotaExceeded; Failed to process message due to a permanent"
+             " exception with message [BeginDiagnosticData]Cannot save changes made to an item to store."
+             "[EndDiagnosticData]",
+        stage=Stage.DATA, action=F, reason="mailbox_full", scope=Scope.MESSAGE, hint="Sent Items",
     ),
-    (
-        "552 5.3.4 at MAIL SIZE",
-        552,
-        "5.3.4 Message size exceeds fixed maximum message size",
-        Stage.MAIL,
-        F,
-        "too_big",
-        Scope.MESSAGE,
-        None,
-        False,
-        "MaxSendSize",
+    Row(
+        "554 5.2.0 MessageSubmissionExceeded", code=554,
+        text="5.2.0 STOREDRV.Submission.Exception:"
+             "MessageSubmissionExceededException; Failed to process message due to a permanent exception with"
+             " message [BeginDiagnosticData]Message size exceeds the maximum allowed.[EndDiagnosticData]",
+        stage=Stage.DATA, action=F, reason="too_big", scope=Scope.MESSAGE, hint="MaxSendSize",
     ),
-    (
-        "552 5.3.4 at DATA",
-        552,
-        "5.3.4 Message size exceeds fixed maximum message size",
-        Stage.DATA,
-        F,
-        "too_big",
-        Scope.MESSAGE,
-        None,
-        False,
-        "MaxSendSize",
+    Row(
+        "552 5.3.4 at MAIL SIZE", code=552, text="5.3.4 Message size exceeds fixed maximum message size",
+        stage=Stage.MAIL, action=F, reason="too_big", scope=Scope.MESSAGE, hint="MaxSendSize",
     ),
-    (
-        "550 5.2.251",
-        550,
-        "5.2.251 Sender throttled due to continuous send as denied errors.",
-        Stage.MAIL,
-        R,
-        "sender_throttled",
-        Scope.MAILBOX,
-        3600.0,
-        False,
-        "throttles",
+    Row(
+        "552 5.3.4 at DATA", code=552, text="5.3.4 Message size exceeds fixed maximum message size", stage=Stage.DATA,
+        action=F, reason="too_big", scope=Scope.MESSAGE, hint="MaxSendSize",
     ),
-    (
-        "550 5.2.252 throttled",
-        550,
-        "5.2.252 Sender throttled due to continuous mailbox full errors.",
-        Stage.MAIL,
-        R,
-        "sender_throttled",
-        Scope.MAILBOX,
-        3600.0,
-        False,
-        "throttles",
+    Row(
+        "550 5.2.251", code=550, text="5.2.251 Sender throttled due to continuous send as denied errors.",
+        stage=Stage.MAIL, action=R, reason="sender_throttled", scope=Scope.MAILBOX, retry_after=3600.0,
+        hint="throttles",
     ),
-    (
-        "550 5.2.253",
-        550,
-        "5.2.253 Sender throttled due to continuous invalid recipients errors.",
-        Stage.RCPT,
-        R,
-        "sender_throttled",
-        Scope.MAILBOX,
-        3600.0,
-        False,
-        "throttles",
+    Row(
+        "550 5.2.252 throttled", code=550, text="5.2.252 Sender throttled due to continuous mailbox full errors.",
+        stage=Stage.MAIL, action=R, reason="sender_throttled", scope=Scope.MAILBOX, retry_after=3600.0,
+        hint="throttles",
     ),
-    (
-        "550 5.2.254",
-        550,
-        "5.2.254 Sender throttled due to continuous message too big errors.",
-        Stage.DATA,
-        R,
-        "sender_throttled",
-        Scope.MAILBOX,
-        3600.0,
-        False,
-        "throttles",
+    Row(
+        "550 5.2.253", code=550, text="5.2.253 Sender throttled due to continuous invalid recipients errors.",
+        stage=Stage.RCPT, action=R, reason="sender_throttled", scope=Scope.MAILBOX, retry_after=3600.0,
+        hint="throttles",
     ),
-    (
-        "550 5.2.255",
-        550,
-        "5.2.255 Sender throttled due to continuous submission errors.",
-        Stage.MAIL,
-        R,
-        "sender_throttled",
-        Scope.MAILBOX,
-        3600.0,
-        False,
-        "throttles",
+    Row(
+        "550 5.2.254", code=550, text="5.2.254 Sender throttled due to continuous message too big errors.",
+        stage=Stage.DATA, action=R, reason="sender_throttled", scope=Scope.MAILBOX, retry_after=3600.0,
+        hint="throttles",
     ),
-    (
-        "550 5.1.10 RCPT",
-        550,
-        "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient nobody@contoso.com not found by"
-        " SMTP address lookup",
-        Stage.RCPT,
-        F,
-        "bad_recipient",
-        Scope.RECIPIENT,
-        None,
-        False,
-        "",
+    Row(
+        "550 5.2.255", code=550, text="5.2.255 Sender throttled due to continuous submission errors.", stage=Stage.MAIL,
+        action=R, reason="sender_throttled", scope=Scope.MAILBOX, retry_after=3600.0, hint="throttles",
     ),
-    (
-        "550 5.1.1 RCPT",
-        550,
-        "5.1.1 RESOLVER.ADR.ExRecipNotFound; not found",
-        Stage.RCPT,
-        F,
-        "bad_recipient",
-        Scope.RECIPIENT,
-        None,
-        False,
-        "",
+    Row(
+        "550 5.1.10 RCPT", code=550,
+        text="5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient nobody@contoso.com not found by"
+             " SMTP address lookup",
+        stage=Stage.RCPT, action=F, reason="bad_recipient", scope=Scope.RECIPIENT,
     ),
-    (
-        "501 5.1.3 RCPT",
-        501,
-        "5.1.3 Invalid address",
-        Stage.RCPT,
-        F,
-        "bad_recipient",
-        Scope.RECIPIENT,
-        None,
-        False,
-        "",
+    Row(
+        "550 5.1.1 RCPT", code=550, text="5.1.1 RESOLVER.ADR.ExRecipNotFound; not found", stage=Stage.RCPT, action=F,
+        reason="bad_recipient", scope=Scope.RECIPIENT,
     ),
-    (
-        "550 5.4.1 RCPT other 5xx",
-        550,
-        "5.4.1 Recipient address rejected: Access denied.",
-        Stage.RCPT,
-        F,
-        "recipient_refused",
-        Scope.RECIPIENT,
-        None,
-        False,
-        "",
+    Row(
+        "501 5.1.3 RCPT", code=501, text="5.1.3 Invalid address", stage=Stage.RCPT, action=F, reason="bad_recipient",
+        scope=Scope.RECIPIENT,
     ),
-    (
-        "452 4.5.3 RCPT 4xx",
-        452,
-        "4.5.3 Too many recipients",
-        Stage.RCPT,
-        R,
-        "transient",
-        Scope.RECIPIENT,
-        None,
-        False,
-        "",
+    Row(
+        "550 5.4.1 RCPT other 5xx", code=550, text="5.4.1 Recipient address rejected: Access denied.", stage=Stage.RCPT,
+        action=F, reason="recipient_refused", scope=Scope.RECIPIENT,
     ),
-    (
-        "535 5.7.8 unknown at AUTH",
-        535,
-        "5.7.8 Error: authentication failed",
-        Stage.AUTH,
-        H,
-        "auth_rejected",
-        Scope.MAILBOX,
-        None,
-        False,
-        "",
+    Row(
+        "452 4.5.3 RCPT 4xx", code=452, text="4.5.3 Too many recipients", stage=Stage.RCPT, action=R,
+        reason="transient", scope=Scope.RECIPIENT,
     ),
-    (
-        "554 at greeting",
-        554,
-        "5.7.1 Service unavailable; Client host blocked",
-        Stage.CONNECT,
-        H,
-        "session_refused",
-        Scope.APP,
-        None,
-        False,
-        "",
+    Row(
+        "535 5.7.8 unknown at AUTH", code=535, text="5.7.8 Error: authentication failed", stage=Stage.AUTH, action=H,
+        reason="auth_rejected", scope=Scope.MAILBOX,
     ),
-    (
-        "554 5.6.0 other 5xx",
-        554,
-        "5.6.0 Corrupt message content; STOREDRV.Submission.Exception:ConversionFailedException",
-        Stage.DATA,
-        F,
-        "rejected",
-        Scope.MESSAGE,
-        None,
-        False,
-        "",
+    Row(
+        "554 at greeting", code=554, text="5.7.1 Service unavailable; Client host blocked", stage=Stage.CONNECT,
+        action=H, reason="session_refused", scope=Scope.APP,
     ),
-    (
-        "550 5.7.708 other 5xx at MAIL",
-        550,
-        "5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
-        Stage.MAIL,
-        F,
-        "rejected",
-        Scope.MESSAGE,
-        None,
-        False,
-        "",
+    Row(
+        "554 5.6.0 other 5xx", code=554,
+        text="5.6.0 Corrupt message content; STOREDRV.Submission.Exception:ConversionFailedException", stage=Stage.DATA,
+        action=F, reason="rejected", scope=Scope.MESSAGE,
+    ),
+    Row(
+        "550 5.7.708 other 5xx at MAIL", code=550,
+        text="5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.", stage=Stage.MAIL,
+        action=F, reason="rejected", scope=Scope.MESSAGE,
     ),
 ]
 
 
 @pytest.mark.parametrize("tail", TAILS, ids=["hostname", "timestamp"])
-@pytest.mark.parametrize(
-    ("code", "text", "stage", "action", "reason", "scope", "retry_after", "evict", "hint"),
-    [row[1:] for row in TABLE],
-    ids=[row[0] for row in TABLE],
-)
-def test_reply_table(
-    code: int,
-    text: str,
-    stage: Stage,
-    action: Action,
-    reason: str,
-    scope: Scope,
-    retry_after: float | None,
-    evict: bool,
-    hint: str,
-    tail: str,
-) -> None:
-    v = classify_reply(code, f"{text} {tail}", stage)
-    assert (v.action, v.reason, v.scope) == (action, reason, scope)
-    assert v.retry_after == retry_after
-    assert v.evict_token is evict
-    assert v.code == code
-    assert v.enhanced == text.split()[0]
-    assert v.reply == f"{code} {text} {tail}"
-    if hint:
-        assert hint in v.hint
-    if action is Action.DELIVERED:
+@pytest.mark.parametrize("row", [pytest.param(row, id=row.id) for row in TABLE])
+def test_reply_table(row: Row, tail: str) -> None:
+    v = classify_reply(row.code, f"{row.text} {tail}", row.stage)
+    assert (v.action, v.reason, v.scope) == (row.action, row.reason, row.scope)
+    assert v.retry_after == row.retry_after
+    assert v.evict_token is row.evict_token
+    assert v.code == row.code
+    assert v.enhanced == row.text.split()[0]
+    assert v.reply == f"{row.code} {row.text} {tail}"
+    if row.hint:
+        assert row.hint in v.hint
+    if row.action is Action.DELIVERED:
         assert v.hint == ""
-    if action is Action.HOLD:
+    if row.action is Action.HOLD:
         assert v.hint, "a hold must tell the admin what to do"
 
 
@@ -634,219 +339,143 @@ def _cert_error() -> ssl.SSLCertVerificationError:
     return e
 
 
-EXCEPTIONS = [
-    (
-        "auth error 5.7.3",
-        aiosmtplib.SMTPAuthenticationError(535, "5.7.3 Authentication unsuccessful" + T),
-        Stage.MAIL,
-        H,
-        "auth_failed",
-        Scope.MAILBOX,
+@dataclass(frozen=True)
+class ExceptionRow:
+    """An exception raised at a stage, and the verdict the relay must reach."""
+
+    id: str
+    exc: BaseException
+    stage: Stage
+    action: Action
+    reason: str
+    scope: Scope
+
+
+EXCEPTIONS: list[ExceptionRow] = [
+    ExceptionRow(
+        "auth error 5.7.3", exc=aiosmtplib.SMTPAuthenticationError(535, "5.7.3 Authentication unsuccessful" + T),
+        stage=Stage.MAIL, action=H, reason="auth_failed", scope=Scope.MAILBOX,
     ),
-    (
+    ExceptionRow(
         "sender refused 5.7.60",
-        aiosmtplib.SMTPSenderRefused(
+        exc=aiosmtplib.SMTPSenderRefused(
             550, "5.7.60 SMTP; Client does not have permissions to send as this sender" + T, "erp@contoso.com"
-        ),
-        Stage.DATA,
-        F,
-        "sendas_denied",
-        Scope.MESSAGE,
+            ),
+        stage=Stage.DATA, action=F, reason="sendas_denied", scope=Scope.MESSAGE,
     ),
-    (
+    ExceptionRow(
         "recipient refused 5.1.10",
-        aiosmtplib.SMTPRecipientRefused(
+        exc=aiosmtplib.SMTPRecipientRefused(
             550,
             "5.1.10 RESOLVER.ADR.RecipientNotFound;"
             " Recipient x@contoso.com not found by SMTP address lookup" + T,
             "x@contoso.com",
-        ),
-        Stage.DATA,
-        F,
-        "bad_recipient",
-        Scope.RECIPIENT,
+            ),
+        stage=Stage.DATA, action=F, reason="bad_recipient", scope=Scope.RECIPIENT,
     ),
-    (
+    ExceptionRow(
         "data error SendAsDenied",
-        aiosmtplib.SMTPDataError(
+        exc=aiosmtplib.SMTPDataError(
             554,
             "5.2.252 SendAsDenied; STOREDRV.Submission."
             "Exception:SendAsDeniedException.MapiExceptionSendAsDenied" + T,
-        ),
-        Stage.DATA,
-        F,
-        "sendas_denied",
-        Scope.MESSAGE,
+            ),
+        stage=Stage.DATA, action=F, reason="sendas_denied", scope=Scope.MESSAGE,
     ),
-    (
-        "response 432",
-        aiosmtplib.SMTPResponseException(432, "4.3.2 Concurrent connections limit exceeded" + T),
-        Stage.EHLO,
-        R,
-        "throttled_connections",
-        Scope.MAILBOX,
+    ExceptionRow(
+        "response 432", exc=aiosmtplib.SMTPResponseException(432, "4.3.2 Concurrent connections limit exceeded" + T),
+        stage=Stage.EHLO, action=R, reason="throttled_connections", scope=Scope.MAILBOX,
     ),
-    (
-        "helo error 421",
-        aiosmtplib.SMTPHeloError(421, "4.3.2 Service not available" + T),
-        Stage.EHLO,
-        R,
-        "transient",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "helo error 421", exc=aiosmtplib.SMTPHeloError(421, "4.3.2 Service not available" + T), stage=Stage.EHLO,
+        action=R, reason="transient", scope=Scope.MESSAGE,
     ),
-    (
-        "connect response 554",
-        aiosmtplib.SMTPConnectResponseError(554, "5.7.1 Service unavailable" + T),
-        Stage.CONNECT,
-        H,
-        "session_refused",
-        Scope.APP,
+    ExceptionRow(
+        "connect response 554", exc=aiosmtplib.SMTPConnectResponseError(554, "5.7.1 Service unavailable" + T),
+        stage=Stage.CONNECT, action=H, reason="session_refused", scope=Scope.APP,
     ),
-    (
-        "response code -1",
-        aiosmtplib.SMTPResponseException(-1, "Malformed SMTP response line"),
-        Stage.DATA,
-        R,
-        "transient",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "response code -1", exc=aiosmtplib.SMTPResponseException(-1, "Malformed SMTP response line"), stage=Stage.DATA,
+        action=R, reason="transient", scope=Scope.MESSAGE,
     ),
-    (
-        "disconnected",
-        aiosmtplib.SMTPServerDisconnected("Connection lost"),
-        Stage.DATA,
-        R,
-        "connection",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "disconnected", exc=aiosmtplib.SMTPServerDisconnected("Connection lost"), stage=Stage.DATA, action=R,
+        reason="connection", scope=Scope.MESSAGE,
     ),
-    (
+    ExceptionRow(
         "connect error",
-        aiosmtplib.SMTPConnectError(
+        exc=aiosmtplib.SMTPConnectError(
             "Error connecting to smtp.office365.com on port 587: [Errno 111] Connection refused"
-        ),
-        Stage.CONNECT,
-        R,
-        "connection",
-        Scope.MESSAGE,
+            ),
+        stage=Stage.CONNECT, action=R, reason="connection", scope=Scope.MESSAGE,
     ),
-    (
+    ExceptionRow(
         "connect timeout",
-        aiosmtplib.SMTPConnectTimeoutError("Timed out connecting to smtp.office365.com on port 587"),
-        Stage.CONNECT,
-        R,
-        "timeout",
-        Scope.MESSAGE,
+        exc=aiosmtplib.SMTPConnectTimeoutError("Timed out connecting to smtp.office365.com on port 587"),
+        stage=Stage.CONNECT, action=R, reason="timeout", scope=Scope.MESSAGE,
     ),
-    (
-        "read timeout",
-        aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"),
-        Stage.DATA,
-        R,
-        "timeout",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "read timeout", exc=aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"), stage=Stage.DATA,
+        action=R, reason="timeout", scope=Scope.MESSAGE,
     ),
-    (
-        "smtp timeout",
-        aiosmtplib.SMTPTimeoutError("Timed out while upgrading transport"),
-        Stage.STARTTLS,
-        R,
-        "timeout",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "smtp timeout", exc=aiosmtplib.SMTPTimeoutError("Timed out while upgrading transport"), stage=Stage.STARTTLS,
+        action=R, reason="timeout", scope=Scope.MESSAGE,
     ),
-    ("asyncio timeout", TimeoutError(), Stage.DATA, R, "timeout", Scope.MESSAGE),
-    (
-        "connection reset",
-        ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
-        Stage.DATA,
-        R,
-        "connection",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "asyncio timeout", exc=TimeoutError(), stage=Stage.DATA, action=R, reason="timeout", scope=Scope.MESSAGE,
     ),
-    (
-        "dns failure",
-        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
-        Stage.CONNECT,
-        R,
-        "connection",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "connection reset", exc=ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), stage=Stage.DATA,
+        action=R, reason="connection", scope=Scope.MESSAGE,
     ),
-    (
-        "plain OSError",
-        OSError(errno.ENETUNREACH, "Network is unreachable"),
-        Stage.CONNECT,
-        R,
-        "connection",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "dns failure", exc=socket.gaierror(socket.EAI_NONAME, "Name or service not known"), stage=Stage.CONNECT,
+        action=R, reason="connection", scope=Scope.MESSAGE,
     ),
-    (
-        "tls handshake",
-        ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
-        Stage.STARTTLS,
-        R,
-        "transient",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "plain OSError", exc=OSError(errno.ENETUNREACH, "Network is unreachable"), stage=Stage.CONNECT, action=R,
+        reason="connection", scope=Scope.MESSAGE,
     ),
-    (
-        "tls eof",
-        ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
-        Stage.STARTTLS,
-        R,
-        "transient",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "tls handshake", exc=ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), stage=Stage.STARTTLS,
+        action=R, reason="transient", scope=Scope.MESSAGE,
     ),
-    ("cert verify", _cert_error(), Stage.STARTTLS, H, "tls", Scope.APP),
-    (
-        "cert verify wrapped",
-        _caused(aiosmtplib.SMTPConnectError("Error connecting"), _cert_error()),
-        Stage.CONNECT,
-        H,
-        "tls",
-        Scope.APP,
+    ExceptionRow(
+        "tls eof", exc=ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), stage=Stage.STARTTLS, action=R,
+        reason="transient", scope=Scope.MESSAGE,
     ),
-    (
-        "no AUTH offered",
-        aiosmtplib.SMTPNotSupported("SMTP AUTH extension not supported by server."),
-        Stage.AUTH,
-        H,
-        "not_supported",
-        Scope.APP,
+    ExceptionRow("cert verify", exc=_cert_error(), stage=Stage.STARTTLS, action=H, reason="tls", scope=Scope.APP),
+    ExceptionRow(
+        "cert verify wrapped", exc=_caused(aiosmtplib.SMTPConnectError("Error connecting"), _cert_error()),
+        stage=Stage.CONNECT, action=H, reason="tls", scope=Scope.APP,
     ),
-    (
-        "no STARTTLS",
-        aiosmtplib.SMTPNotSupported("SMTP STARTTLS extension not supported by server."),
-        Stage.STARTTLS,
-        H,
-        "not_supported",
-        Scope.APP,
+    ExceptionRow(
+        "no AUTH offered", exc=aiosmtplib.SMTPNotSupported("SMTP AUTH extension not supported by server."),
+        stage=Stage.AUTH, action=H, reason="not_supported", scope=Scope.APP,
     ),
-    (
-        "no SMTPUTF8",
-        aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server"),
-        Stage.MAIL,
-        F,
-        "not_supported",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "no STARTTLS", exc=aiosmtplib.SMTPNotSupported("SMTP STARTTLS extension not supported by server."),
+        stage=Stage.STARTTLS, action=H, reason="not_supported", scope=Scope.APP,
     ),
-    (
-        "other smtp exception",
-        aiosmtplib.SMTPException("SMTP instance is already connected"),
-        Stage.CONNECT,
-        R,
-        "transient",
-        Scope.MESSAGE,
+    ExceptionRow(
+        "no SMTPUTF8", exc=aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server"), stage=Stage.MAIL,
+        action=F, reason="not_supported", scope=Scope.MESSAGE,
     ),
-    (
+    ExceptionRow(
+        "other smtp exception", exc=aiosmtplib.SMTPException("SMTP instance is already connected"), stage=Stage.CONNECT,
+        action=R, reason="transient", scope=Scope.MESSAGE,
+    ),
+    ExceptionRow(
         "token transient",
-        TokenError(
+        exc=TokenError(
             "contoso", "temporarily_unavailable", "HTTP 503 from login.microsoftonline.com", transient=True
-        ),
-        Stage.TOKEN,
-        R,
-        "token_unavailable",
-        Scope.APP,
+            ),
+        stage=Stage.TOKEN, action=R, reason="token_unavailable", scope=Scope.APP,
     ),
-    (
+    ExceptionRow(
         "token config",
-        TokenError(
+        exc=TokenError(
             "contoso",
             "invalid_client",
             "AADSTS7000215: Invalid client secret provided."
@@ -854,25 +483,22 @@ EXCEPTIONS = [
             " not the client secret ID.\r\n"
             "Trace ID: 0a1b2c3d Correlation ID: 4e5f Timestamp: 2025-03-14 09:21:07Z",
             aadsts=7000215,
-        ),
-        Stage.TOKEN,
-        H,
-        "token_config",
-        Scope.APP,
+            ),
+        stage=Stage.TOKEN, action=H, reason="token_config", scope=Scope.APP,
     ),
-    ("unexpected bug", KeyError("x"), Stage.DATA, R, "internal_error", Scope.MESSAGE),
+    ExceptionRow(
+        "unexpected bug", exc=KeyError("x"), stage=Stage.DATA, action=R, reason="internal_error", scope=Scope.MESSAGE,
+    ),
 ]
 
 
-@pytest.mark.parametrize(
-    ("exc", "stage", "action", "reason", "scope"), [e[1:] for e in EXCEPTIONS], ids=[e[0] for e in EXCEPTIONS]
-)
-def test_exceptions(exc: BaseException, stage: Stage, action: Action, reason: str, scope: Scope) -> None:
-    v = classify_exception(exc, stage)
+@pytest.mark.parametrize("row", [pytest.param(row, id=row.id) for row in EXCEPTIONS])
+def test_exceptions(row: ExceptionRow) -> None:
+    v = classify_exception(row.exc, row.stage)
     assert isinstance(v, Verdict)
-    assert (v.action, v.reason, v.scope) == (action, reason, scope)
+    assert (v.action, v.reason, v.scope) == (row.action, row.reason, row.scope)
     assert v.reply and "\n" not in v.reply and "\r" not in v.reply
-    if action is Action.HOLD:
+    if row.action is Action.HOLD:
         assert v.hint
 
 

@@ -1,4 +1,4 @@
-"""Cloud presets and their overrides (EXCHANGE.md "Clouds")."""
+"""Cloud presets and their overrides (docs/exchange.md, "Clouds")."""
 
 from __future__ import annotations
 

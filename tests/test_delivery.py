@@ -1,4 +1,4 @@
-"""Issue 3: the scheduler, unit by unit, on a fake clock.
+"""The delivery scheduler, unit by unit, on a fake clock.
 
 A real :class:`relay.spool.Spool` (in a temporary directory) and a fake submitter whose answers are
 real Exchange replies run through the real classifier. The tests call ``await delivery.tick()`` and

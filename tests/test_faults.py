@@ -1,4 +1,4 @@
-"""Issue 3: faults of the simulated Microsoft 365, end to end through the real listener.
+"""Faults of the simulated Microsoft 365, end to end through the real listener.
 
 Each test flips a switch of the simulated Exchange or Entra ID the way the world would (a throttle, a
 dropped connection, an admin revoking or granting a permission), sends mail with smtplib and checks
@@ -33,6 +33,7 @@ from relay.testing.harness import (
     write_config,
 )
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_SEND_AS, SimulatedM365
+from tests.conftest import RelayFactory
 
 FAST_RETRY = {"first": 0.2, "max": 1}
 TEMPORARY = "451 4.7.0 Temporary server error. Please try again later. PRX2"
@@ -40,26 +41,20 @@ TEMPORARY = "451 4.7.0 Temporary server error. Please try again later. PRX2"
 Starter = Callable[..., RelayThread]
 
 
+def _fast_probes(relay: RelayThread) -> None:
+    # TODO(lead): config key delivery.probe_interval; until then the knob is set directly.
+    relay.relay.delivery.probe_interval = 0.2
+
+
 @pytest.fixture
-def start(m365: SimulatedM365, tmp_path: Path) -> Iterator[Starter]:
+def start(relay_factory: RelayFactory) -> Starter:
     """``start(section=overrides)``: a relay in a thread with fast retries and probes (0.2 s)."""
-    started: list[RelayThread] = []
 
     def make(**overrides: Any) -> RelayThread:
         delivery = {"retry": FAST_RETRY, **overrides.pop("delivery", {})}
-        workdir = tmp_path / f"relay{len(started)}"
-        workdir.mkdir()
-        relay = RelayThread.from_dict(relay_config(m365, workdir, overrides={"delivery": delivery, **overrides}))
-        # TODO(lead): config key delivery.probe_interval; until then the knob is set directly.
-        relay.relay.delivery.probe_interval = 0.2
-        started.append(relay)
-        return relay.start()
+        return relay_factory(delivery=delivery, prepare=_fast_probes, **overrides)
 
-    try:
-        yield make
-    finally:
-        for relay in started:
-            relay.stop()
+    return make
 
 
 def raw_message(subject: str, sender: str = STANDARD_MAILBOX, to: str = "someone@fabrikam.example",

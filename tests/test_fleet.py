@@ -20,7 +20,9 @@ from relay.config import FleetSettings, settings_from_dict
 from relay.errors import ConfigError
 from relay.fleet import Fleet, FleetWait
 from relay.observability import Metrics
+from relay.testing.m365 import SimulatedM365
 from relay.testing.redis import RedisServer, redis_available
+from tests.conftest import RelayFactory
 
 needs_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
@@ -396,18 +398,17 @@ def test_fleet_status_without_fleet_or_redis(tmp_path: Path, capsys: pytest.Capt
 # ------------------------------------------------------------------ a relay with a fleet: readiness, metrics
 
 @needs_redis
-def test_relay_stays_ready_and_delivers_while_redis_is_away(redis_server: RedisServer, tmp_path: Path) -> None:
+def test_relay_stays_ready_and_delivers_while_redis_is_away(redis_server: RedisServer, relay_factory: RelayFactory,
+                                                            m365: SimulatedM365) -> None:
     import smtplib
 
-    from relay.testing.harness import RelayThread, relay_config, wait_until
-    from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+    from relay.testing.harness import wait_until
+    from relay.testing.m365 import STANDARD_MAILBOX
 
-    sim = SimulatedM365.standard(tmp_path / "m365").start()
-    config = relay_config(sim, tmp_path, overrides={
-        "delivery": {"sync_wait": 5},
-        "fleet": {"redis": redis_server.url, "key_prefix": "ready:", "instance_id": "solo", "lease_ttl": 3,
-                  "sync_interval": 0.5, "deadline": 0.5}})
-    relay = RelayThread.from_dict(config).start()
+    relay = relay_factory(
+        delivery={"sync_wait": 5},
+        fleet={"redis": redis_server.url, "key_prefix": "ready:", "instance_id": "solo", "lease_ttl": 3,
+               "sync_interval": 0.5, "deadline": 0.5})
     try:
         service = relay.relay
         assert service.fleet is not None
@@ -421,7 +422,7 @@ def test_relay_stays_ready_and_delivers_while_redis_is_away(redis_server: RedisS
         ok, detail = service.readiness()
         assert ok and detail["fleet"] == {"connected": True, "instance": "solo", "limits": "shared"}
         send(1)
-        sim.exchange.wait_for_messages(1, timeout=10)
+        m365.exchange.wait_for_messages(1, timeout=10)
         redis_server.stop()
         wait_until(lambda: not service.fleet.connected, 10, "the relay to notice Redis is gone")  # type: ignore[union-attr]
         ok, detail = service.readiness()
@@ -429,15 +430,14 @@ def test_relay_stays_ready_and_delivers_while_redis_is_away(redis_server: RedisS
         assert detail["fleet"]["connected"] is False and detail["fleet"]["limits"] == "fallback share"
         assert b"relay_fleet_connected 0.0" in service.metrics.render()
         send(2)  # delivered on the fallback share
-        sim.exchange.wait_for_messages(2, timeout=20)
+        m365.exchange.wait_for_messages(2, timeout=20)
         redis_server.start()
         wait_until(lambda: service.fleet.connected, 10, "the relay to rejoin")  # type: ignore[union-attr]
         assert b"relay_fleet_connected 1.0" in service.metrics.render()
         send(3)
-        sim.exchange.wait_for_messages(3, timeout=20)
+        m365.exchange.wait_for_messages(3, timeout=20)
     finally:
         relay.stop()
-        sim.stop()
 
 
 @needs_redis
@@ -467,19 +467,19 @@ def test_fleet_metrics_only_with_a_fleet() -> None:
 
 
 @needs_redis
-def test_daily_recipient_budget_spent_holds_instead_of_bouncing(redis_server: RedisServer, tmp_path: Path) -> None:
+def test_daily_recipient_budget_spent_holds_instead_of_bouncing(redis_server: RedisServer,
+                                                                relay_factory: RelayFactory,
+                                                                m365: SimulatedM365) -> None:
     import smtplib
 
     from relay.spool import State
-    from relay.testing.harness import RelayThread, relay_config, wait_until
-    from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+    from relay.testing.harness import wait_until
+    from relay.testing.m365 import STANDARD_MAILBOX
 
-    sim = SimulatedM365.standard(tmp_path / "m365").start()
-    config = relay_config(sim, tmp_path, overrides={
-        "delivery": {"sync_wait": 5},
-        "fleet": {"redis": redis_server.url, "key_prefix": "budget:", "recipients_per_day": 3, "lease_ttl": 3,
-                  "sync_interval": 0.5, "deadline": 0.5}})
-    relay = RelayThread.from_dict(config).start()
+    relay = relay_factory(
+        delivery={"sync_wait": 5},
+        fleet={"redis": redis_server.url, "key_prefix": "budget:", "recipients_per_day": 3, "lease_ttl": 3,
+               "sync_interval": 0.5, "deadline": 0.5})
     try:
         service = relay.relay
         wait_until(lambda: service.fleet is not None and service.fleet.shared, 10, "the fleet to form")
@@ -488,7 +488,7 @@ def test_daily_recipient_budget_spent_holds_instead_of_bouncing(redis_server: Re
             assert c.sendmail(STANDARD_MAILBOX, rcpts, "Subject: 1\r\n\r\nbody\r\n") == {}
             # 2 of 3 recipients used: the next two would overspend the day. Queued, not refused.
             assert c.sendmail(STANDARD_MAILBOX, rcpts, "Subject: 2\r\n\r\nbody\r\n") == {}
-        assert len(sim.exchange.accepted) == 1
+        assert len(m365.exchange.accepted) == 1
 
         def held() -> bool:
             _ready, detail = service.readiness()
@@ -498,10 +498,9 @@ def test_daily_recipient_budget_spent_holds_instead_of_bouncing(redis_server: Re
         queued = service.spool.list([State.QUEUED])
         assert len(queued) == 1 and queued[0].next_attempt_at > time.time() + 3600
         assert not service.spool.list([State.DEAD])
-        assert sim.exchange.refusals(STANDARD_MAILBOX)["quota"] == 0
+        assert m365.exchange.refusals(STANDARD_MAILBOX)["quota"] == 0
     finally:
         relay.stop()
-        sim.stop()
 
 
 @needs_redis

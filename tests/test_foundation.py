@@ -1,4 +1,4 @@
-"""Issue 2: a legacy app's mail relayed to (simulated) Exchange Online with XOAUTH2, end to end.
+"""The foundation: a legacy app's mail relayed to (simulated) Exchange Online with XOAUTH2, end to end.
 
 Real smtplib clients talk to the real relay on 127.0.0.1; the relay talks STARTTLS + XOAUTH2 to the
 simulated Exchange and HTTPS to the simulated Entra ID through the real MSAL.
@@ -210,7 +210,7 @@ def test_sendas_refused_by_exchange_is_passed_back(relay: RelayThread, m365: Sim
 
 
 def test_token_endpoint_down_queues_then_delivers(relay_factory: RelayFactory, m365: SimulatedM365) -> None:
-    """Store and forward supersedes issue 2's sync-only 4xx: the client gets 250 queued, never a 5xx,
+    """Store and forward, not a synchronous 4xx: the client gets 250 queued, never a 5xx,
     and the message goes out once Entra ID is back."""
     m365.entra.set_down(True)
     relay = relay_factory(delivery={"sync_wait": 5, "retry": {"first": 0.2, "max": 0.5}})

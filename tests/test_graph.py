@@ -1,4 +1,4 @@
-"""Issue 7, item 5: the Microsoft Graph transport against the simulated Graph endpoint.
+"""The Microsoft Graph transport against the simulated Graph endpoint.
 
 Real HTTPS on loopback (the simulator's certificates), the real MSAL for the Graph token, the real
 relay for the end-to-end cases; a fake clock where the scheduler's timing matters (429 Retry-After).
@@ -12,7 +12,7 @@ import email
 import email.policy
 import os
 import smtplib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from relay.testing.harness import RelayThread, relay_config, wait_until
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_SEND_AS, STANDARD_TENANT, SimulatedM365
 from relay.tokens import TokenProvider, TokenProviders
 from relay.upstream import SessionPool, Submitter
+from tests.conftest import RelayFactory
 from tests.fakeclock import FakeClock
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
@@ -64,23 +65,17 @@ def graph_m365(m365: SimulatedM365) -> SimulatedM365:
     return m365
 
 
+def _wired_for_graph(relay: RelayThread) -> None:
+    assert relay.relay.submitter.graph is not None, "the service wires Graph for graph mailboxes"
+
+
 @pytest.fixture
-def graph_relay(graph_m365: SimulatedM365, tmp_path: Path) -> Iterator[Callable[..., RelayThread]]:
-    started: list[RelayThread] = []
-
+def graph_relay(graph_m365: SimulatedM365, relay_factory: RelayFactory) -> Callable[..., RelayThread]:
     def make(**kwargs: Any) -> RelayThread:
-        workdir = tmp_path / f"relay{len(started)}"
-        workdir.mkdir()
-        relay = RelayThread.from_dict(graph_config(graph_m365, workdir, **kwargs))
-        assert relay.relay.submitter.graph is not None, "the service wires Graph for graph mailboxes"
-        started.append(relay.start())
-        return relay
+        return relay_factory(build=lambda workdir: graph_config(graph_m365, workdir, **kwargs),
+                             prepare=_wired_for_graph)
 
-    try:
-        yield make
-    finally:
-        for relay in started:
-            relay.stop()
+    return make
 
 
 def message_with_attachment(attachment: bytes, *, subject: str = "Quarterly report") -> EmailMessage:

@@ -42,6 +42,7 @@ from relay.testing.harness import (
     write_config,
 )
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_SEND_AS, SimulatedM365
+from tests.fakeclock import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "oauth-smtp-relay.service"
@@ -108,16 +109,6 @@ def has_event(path: Path, event: str, count: int = 1) -> bool:
     return sum(1 for e in log_events(path) if e.get("event") == event) >= count
 
 
-class Clock:
-    """Wall time plus an offset a test can move forward (probe intervals without sleeping)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
 @pytest.fixture
 def process_relays() -> Iterator[list[RelayProcess]]:
     started: list[RelayProcess] = []
@@ -163,7 +154,7 @@ def test_readyz_is_503_while_a_mailbox_is_held_and_200_after_the_fix(m365: Simul
     config = relay_config(m365, tmp_path, overrides={
         "observability": {"log_format": "json", "log_level": "info", "http": f"127.0.0.1:{http_port}"}})
     path = write_config(config, tmp_path / "relay.yaml")
-    clock = Clock()
+    clock = FakeClock(time.time())  # moved forward by the test: probe intervals without sleeping
     readyz = f"http://127.0.0.1:{http_port}/readyz"
     with RelayThread(load_settings(path), clock=clock, config_path=str(path)) as relay:
         status, body = http_get(readyz)
@@ -199,7 +190,7 @@ def test_readyz_is_503_while_a_mailbox_is_held_and_200_after_the_fix(m365: Simul
 
         # The admin fixes it; the next hold probe (due 30 s later: moved forward) lifts the hold.
         m365.grant_full_access(STANDARD_MAILBOX, STANDARD_CLIENT_ID)
-        clock.offset += 31
+        clock.advance(31)
         wait_until(lambda: http_get(readyz)[0] == 200, 15, "readiness to turn green again")
         wait_until(lambda: len(m365.exchange.accepted) == 1, 30, "the held message to be delivered")
         metrics = scrape(f"http://127.0.0.1:{http_port}/metrics")

@@ -1,4 +1,4 @@
-"""Issue 3: a burst for one mailbox waits in the spool instead of hitting Exchange's 30 messages/minute.
+"""Pacing: a burst for one mailbox waits in the spool instead of hitting Exchange's 30 messages/minute.
 
 The relay and the simulated Microsoft 365 share one fake clock: the simulated Exchange stamps each
 accepted message with it (and enforces its own 30/minute limit with it), and the relay's scheduler
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, wait_until
+from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from tests.conftest import RelayFactory
 from tests.fakeclock import FakeClock
 
 LIMIT = 30
@@ -28,19 +29,21 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def sim(tmp_path: Path, clock: FakeClock) -> Iterator[SimulatedM365]:
-    m365 = SimulatedM365.standard(tmp_path / "m365", clock=clock).start()
+def m365(tmp_path: Path, clock: FakeClock) -> Iterator[SimulatedM365]:
+    """The simulated Microsoft 365 on the test's fake clock (the relays of ``relay_factory`` use it)."""
+    sim = SimulatedM365.standard(tmp_path / "m365", clock=clock).start()
     try:
-        yield m365
+        yield sim
     finally:
-        m365.stop()
+        sim.stop()
 
 
-def start_relay(sim: SimulatedM365, workdir: Path, clock: FakeClock, **delivery: object) -> RelayThread:
-    config = relay_config(sim, workdir, overrides={"delivery": {"retry": {"first": 5, "max": 60}, **delivery}})
-    relay = RelayThread.from_dict(config, clock=clock)
-    relay.relay.delivery.sleep = clock.sleep  # the scheduler sleeps on the fake clock too
-    return relay.start()
+def start_relay(relay_factory: RelayFactory, clock: FakeClock, **delivery: object) -> RelayThread:
+    def sleep_on_the_fake_clock(relay: RelayThread) -> None:
+        relay.relay.delivery.sleep = clock.sleep  # the scheduler sleeps on the fake clock too
+
+    return relay_factory(delivery={"retry": {"first": 5, "max": 60}, **delivery}, clock=clock,
+                         prepare=sleep_on_the_fake_clock)
 
 
 def quiet(relay: RelayThread, clock: FakeClock) -> bool:
@@ -66,9 +69,9 @@ def drive(relay: RelayThread, clock: FakeClock, done: Callable[[], bool], *, lim
         clock.set(deadline)
 
 
-def test_100_messages_for_one_mailbox_never_exceed_30_per_minute(tmp_path: Path, sim: SimulatedM365,
+def test_100_messages_for_one_mailbox_never_exceed_30_per_minute(relay_factory: RelayFactory, m365: SimulatedM365,
                                                                  clock: FakeClock) -> None:
-    relay = start_relay(sim, tmp_path / "relay", clock, per_mailbox={"per_minute": LIMIT, "connections": 3})
+    relay = start_relay(relay_factory, clock, per_mailbox={"per_minute": LIMIT, "connections": 3})
     try:
         start = clock()
         replies = []
@@ -83,13 +86,13 @@ def test_100_messages_for_one_mailbox_never_exceed_30_per_minute(tmp_path: Path,
         assert all(code == 250 for code, _ in replies)
         # The first minute's share goes at once (sync path), the rest waits in the spool.
         assert sum(b"delivered as" in text for _, text in replies) == LIMIT
-        drive(relay, clock, lambda: len(sim.exchange.accepted) >= 100, limit=600)
+        drive(relay, clock, lambda: len(m365.exchange.accepted) >= 100, limit=600)
         # Paced, not throttled: Exchange never had to refuse anything (421 4.4.2 would be deferred).
         assert b"relay_messages_deferred_total{" not in relay.relay.metrics.render()
     finally:
         relay.stop()
 
-    accepted = sim.exchange.accepted
+    accepted = m365.exchange.accepted
     assert len(accepted) == 100
     assert sorted(int(a.content.split(b"message ")[1].split(b"\r")[0]) for a in accepted) == list(range(100))
     times = sorted(a.accepted_at for a in accepted)
@@ -98,4 +101,4 @@ def test_100_messages_for_one_mailbox_never_exceed_30_per_minute(tmp_path: Path,
         assert window >= 60, f"{LIMIT + 1} messages accepted within {window} s at Exchange"
     # Pacing costs no more than the limit requires.
     assert times[-1] - start <= 3 * 61 + 5
-    assert sim.exchange.stats().messages_accepted == 100
+    assert m365.exchange.stats().messages_accepted == 100

@@ -1,4 +1,4 @@
-"""Issue 3: ``oauth-smtp-relay queue ...`` against a live daemon (a real ``python -m relay serve``).
+"""The queue commands: ``oauth-smtp-relay queue ...`` against a live daemon (a real ``python -m relay serve``).
 
 The daemon keeps running while the commands change its spool: a held message is not delivered, a
 released or retried one is, a requeued dead letter gets a new life. A few commands run as their own

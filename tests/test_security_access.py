@@ -1,4 +1,4 @@
-"""Issue 4, access: no open relay, AUTH only where it is safe, listener TLS from the admin's files.
+"""Access: no open relay, AUTH only where it is safe, listener TLS from the admin's files.
 
 127.0.0.2 plays a second host (the client socket binds it as its source address). For "a host that
 is not this machine" the tests make the listener's loopback test answer False for 127.0.0.2, since a
@@ -26,7 +26,7 @@ from relay.config import ConfigError, is_loopback_host, settings_from_dict, too_
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from tests.conftest import RelayFactory
-from tests.test_security_support import RawSMTP, plain_blob, simple_body
+from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 SECOND_HOST = "127.0.0.2"

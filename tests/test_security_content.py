@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 from relay.testing.exchange import ExchangeLimits
 from relay.testing.harness import RelayProcess, RelayThread, free_port, relay_config, wait_until, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
-from tests.conftest import RelayFactory
-from tests.test_security_support import RawSMTP
+from tests.smtp_client import RawSMTP
 
 RCPT = "someone@fabrikam.example"
 SMUGGLED_RCPT = "smuggled@evil.example"
@@ -56,11 +55,6 @@ PAYLOADS = {
     "Sender group": b"Sender: g:;;\r\n",
     "folded 72 KB of quotes": b"From: " + b"\r\n ".join([b"\"" * 70] * 1000) + b"\r\n",
 }
-
-
-@pytest.fixture
-def relay_with_spool(relay_factory: RelayFactory) -> RelayThread:
-    return relay_factory()
 
 
 def assert_nothing_left(relay: RelayThread, fds_before: int) -> None:

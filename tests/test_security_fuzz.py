@@ -1,4 +1,4 @@
-"""Issue 4, property-based fuzz of the listener (hypothesis), on real sockets against the simulator.
+"""Property-based fuzz of the listener (hypothesis), on real sockets against the simulator.
 
 Each example opens a connection (from 127.0.0.1 or 127.0.0.2), sends a random mix of valid and
 invalid commands, AUTH exchanges, messages (with smuggling-shaped separators) and random bytes, all
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from relay.testing.exchange import ExchangeLimits
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, STANDARD_SEND_AS, SimulatedM365
-from tests.test_security_support import RawSMTP, plain_blob, simple_body
+from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 ACCEPTED_REPLY = re.compile(rb"^250 2\.0\.0 Ok: (?:queued|delivered) as ")
 RCPT = "someone@fabrikam.example"

@@ -22,7 +22,8 @@ from relay.service import ReloadRefused
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, wait_until, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from tests.conftest import RelayFactory
-from tests.test_security_support import RawSMTP, plain_blob, simple_body
+from tests.fakeclock import FakeClock
+from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 
@@ -166,8 +167,7 @@ def test_rotating_loopback_addresses_get_one_budget(relay_factory: RelayFactory,
     assert checks.count <= 10
     # When the ban is over, the real user logs in and sends as usual.
     limiter = relay.relay.listener_state.auth_limiter
-    later = limiter._clock() + 901
-    limiter._clock = lambda: later
+    limiter._clock = FakeClock(limiter._clock() + 901)
     with RawSMTP(relay.port, source="127.0.0.1") as c:
         c.ehlo()
         c.login()
@@ -247,7 +247,7 @@ def test_a_success_does_not_reset_failures(relay_factory: RelayFactory) -> None:
 
 
 def test_limiter_keys_loopback_as_one_client() -> None:
-    lim = AuthLimiter(3, window=60, ban=300, clock=lambda: 1000.0)
+    lim = AuthLimiter(3, window=60, ban=300, clock=FakeClock(1000.0))
     for host in ("127.0.0.1", "::1", "::ffff:127.3.2.1"):
         lim.failed(host)
     assert lim.banned("127.200.1.1") and lim.banned("::1") and lim.banned("::ffff:127.0.0.1")
@@ -259,8 +259,8 @@ def test_limiter_reserves_before_checking() -> None:
 
 
 async def _reserves_before_checking() -> None:
-    now = [1000.0]
-    lim = AuthLimiter(3, window=60, ban=300, clock=lambda: now[0])
+    clock = FakeClock(1000.0)
+    lim = AuthLimiter(3, window=60, ban=300, clock=clock)
     pending = [await lim.begin("192.0.2.1") for _ in range(3)]
     a, b, c = pending
     assert a is not None and b is not None and c is not None
@@ -277,7 +277,7 @@ async def _reserves_before_checking() -> None:
     await asyncio.sleep(0)
     assert lim.fail(again) == 3
     assert lim.banned("192.0.2.1") and await asyncio.wait_for(fifth, 5) is None
-    now[0] += 301
+    clock.advance(301)
     assert not lim.banned("192.0.2.1") and await lim.begin("192.0.2.1") is not None
 
 
@@ -287,14 +287,14 @@ def test_noop_every_few_seconds_does_not_keep_a_session_forever(relay_factory: R
                                                                 m365: SimulatedM365) -> None:
     relay = relay_factory(limits={"max_session": "1h"})
     state = relay.relay.listener_state
-    now = [1000.0]
-    state.clock = lambda: now[0]
+    clock = FakeClock(1000.0)
+    state.clock = clock
     with RawSMTP(relay.port) as c:
         c.ehlo()
         for _ in range(5):
-            now[0] += 600  # ten minutes between NOOPs: never idle long enough for idle_timeout
+            clock.advance(600)  # ten minutes between NOOPs: never idle long enough for idle_timeout
             c.expect("NOOP", 250)
-        now[0] += 601  # 1 h 0 min 1 s
+        clock.advance(601)  # 1 h 0 min 1 s
         assert c.cmd("NOOP").startswith(b"421 4.4.2")
         assert c.closed()
     wait_until(lambda: state.connections == 0, 10, "the slot to be released")

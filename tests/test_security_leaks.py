@@ -1,4 +1,4 @@
-"""Issue 4, secrets stay secret: a representative set of flows, good and failing, with every log
+"""Secrets stay secret: a representative set of flows, good and failing, with every log
 captured at DEBUG (in process and from a real ``serve`` subprocess), metrics and command output; none
 of the secret values may appear anywhere. Also: the inline-secret permission warning.
 """
@@ -34,7 +34,7 @@ from relay.testing.harness import (
     write_config,
 )
 from relay.testing.m365 import STANDARD_MAILBOX, STANDARD_SECRET, SimulatedM365
-from tests.test_security_support import RawSMTP, plain_blob, simple_body
+from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 WRONG_PASSWORD = "Wr0ng-Leak-Canary-Pw!"

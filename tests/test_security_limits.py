@@ -1,4 +1,4 @@
-"""Issue 4, abuse limits: failed logins, connections, idle clients. Real sockets, bounded waits."""
+"""Abuse limits: failed logins, connections, idle clients. Real sockets, bounded waits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from relay.listener import AuthLimiter
 from relay.testing.harness import RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from tests.conftest import RelayFactory
-from tests.test_security_support import RawSMTP, plain_blob, simple_body
+from tests.fakeclock import FakeClock
+from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 FAST_TARPIT = {"delay": 0.001, "max_delay": 0.005}
@@ -45,8 +46,7 @@ def test_fifty_wrong_passwords_ban_the_client(relay_factory: RelayFactory, m365:
     state = relay.relay.listener_state
     assert not state.auth_limiter.banned("192.0.2.1")
     # When the ban is over, the right password works again.
-    later = state.auth_limiter._clock() + 901
-    state.auth_limiter._clock = lambda: later
+    state.auth_limiter._clock = FakeClock(state.auth_limiter._clock() + 901)
     with RawSMTP(relay.port, source="127.0.0.2") as c:
         c.ehlo()
         c.login()
@@ -84,16 +84,16 @@ def test_success_does_not_reset_the_count(relay_factory: RelayFactory) -> None:
 
 
 def test_limiter_unit_window_ban_expiry_and_bound() -> None:
-    now = [1000.0]
-    lim = AuthLimiter(3, window=60, ban=300, clock=lambda: now[0], max_tracked=100)
+    clock = FakeClock(1000.0)
+    lim = AuthLimiter(3, window=60, ban=300, clock=clock, max_tracked=100)
     assert lim.failed("a") == 1 and lim.failed("a") == 2
-    now[0] += 61  # the first two fall out of the window
+    clock.advance(61)  # the first two fall out of the window
     assert lim.failed("a") == 1 and not lim.banned("a")
     lim.failed("a"), lim.failed("a")
     assert lim.banned("a") and not lim.banned("b")
-    now[0] += 299
+    clock.advance(299)
     assert lim.banned("a")
-    now[0] += 2
+    clock.advance(2)
     assert not lim.banned("a") and lim.failed("a") == 1  # ban over, count restarted
     for i in range(1000):
         lim.failed(f"10.0.{i // 256}.{i % 256}")
@@ -103,7 +103,7 @@ def test_limiter_unit_window_ban_expiry_and_bound() -> None:
 def test_limiter_bans_an_ipv6_client_by_its_64_and_mapped_ipv4_as_ipv4() -> None:
     """Rotating through the addresses of one's own /64 must not escape the ban; another /64 and IPv4
     clients are unaffected; ::ffff:a.b.c.d is the IPv4 client a.b.c.d."""
-    lim = AuthLimiter(3, window=60, ban=300, clock=lambda: 1000.0)
+    lim = AuthLimiter(3, window=60, ban=300, clock=FakeClock(1000.0))
     for host in ("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3"):
         lim.failed(host)
     assert lim.banned("2001:db8:1:2::99") and lim.banned("2001:db8:1:2:abcd:ef01:2345:6789")

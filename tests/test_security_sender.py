@@ -1,4 +1,4 @@
-"""Issue 4, sender policy end to end: what the simulated Exchange receives for each rewrite_from mode.
+"""Sender policy end to end: what the simulated Exchange receives for each rewrite_from mode.
 
 The standard tenant: relay@contoso.com is the mailbox (FullAccess, XOAUTH2 user=), the app holds
 SendAs on alerts@contoso.com. The local user ``erp`` may send as both.
@@ -17,7 +17,7 @@ from relay.testing.exchange import AcceptedMessage
 from relay.testing.harness import wait_until
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_SEND_AS, STANDARD_TENANT, SimulatedM365
 from tests.conftest import RelayFactory
-from tests.test_security_support import RawSMTP
+from tests.smtp_client import RawSMTP
 
 RCPT = "someone@fabrikam.example"
 

@@ -1,4 +1,4 @@
-"""Issue 4, hostile SMTP: raw bytes at the real listener, checked at the simulated Exchange.
+"""Hostile SMTP: raw bytes at the real listener, checked at the simulated Exchange.
 
 Each test speaks byte-exact SMTP over a real socket on 127.0.0.1 to a relay running against the
 simulated Microsoft 365, then checks what Exchange recorded (``m365.exchange.accepted``): exactly the
@@ -15,7 +15,7 @@ import pytest
 from relay.testing.harness import RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, STANDARD_SEND_AS, SimulatedM365
 from tests.conftest import RelayFactory
-from tests.test_security_support import RawSMTP, assert_clean_reply, plain_blob, simple_body
+from tests.smtp_client import RawSMTP, assert_clean_reply, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 

@@ -30,8 +30,9 @@ from relay.testing import (
     make_app_certificate,
     xoauth2_initial_response,
 )
+from tests.fakeclock import FakeClock
 
-# EXCHANGE.md's test vectors: (user, token, base64 initial response).
+# The XOAUTH2 test vectors of docs/exchange.md: (user, token, base64 initial response).
 VECTORS = [
     (
         "test@contoso.onmicrosoft.com",
@@ -44,19 +45,10 @@ VECTORS = [
 OTHER_CLIENT = "44444444-4444-4444-4444-444444444444"
 
 
-class FakeClock:
-    """The simulator's injectable clock, moved by the test (rate and quota windows)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    """The simulator's injectable clock, moved by the test (rate and quota windows)."""
+    return FakeClock(time.time())
 
 
 @pytest.fixture
@@ -408,7 +400,7 @@ async def test_daily_recipient_quota(m365: SimulatedM365, clock: FakeClock, clie
         await client.sendmail(STANDARD_MAILBOX, [f"s{i}@example.com" for i in range(3)], message())
     assert refused.value.code == 554
     assert "STOREDRV.Submission.Exception:SubmissionQuotaExceededException;" in refused.value.message
-    clock.now += 86_401
+    clock.advance(86_401)
     await client.sendmail(STANDARD_MAILBOX, [f"s{i}@example.com" for i in range(3)], message())
     m365.set_quota_exhausted(STANDARD_MAILBOX, True)
     with pytest.raises(aiosmtplib.SMTPDataError):
@@ -423,7 +415,7 @@ async def test_message_rate_limit_closes(m365: SimulatedM365, clock: FakeClock, 
     assert reply.code == 421 and reply.message.startswith("4.4.2 Message submission rate for this client")
     with pytest.raises(aiosmtplib.SMTPServerDisconnected):
         await client.execute_command(b"NOOP")
-    clock.now += 61
+    clock.advance(61)
     again = await session(m365)
     await again.sendmail(STANDARD_MAILBOX, ["a@example.com"], message())
     hang_up(again)

@@ -23,8 +23,10 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError, SpoolFull
 from relay.spool import BodyWriter, Spool, State, new_queue_id
+from tests.fakeclock import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
+START = 1_700_000_000.0
 
 ENV = Envelope("erp@contoso.com", ("a@example.com", "b@example.com", "c@example.com"), ("SMTPUTF8",))
 ROUTE = Route(app="contoso", mailbox="NoReply@contoso.com", sender="noreply@contoso.com", notes=("rewrite",))
@@ -32,21 +34,13 @@ OTHER = Route(app="contoso", mailbox="alerts@contoso.com", sender="alerts@contos
 BODY = b"From: erp@contoso.com\r\nSubject: hi\r\n\r\n" + bytes(range(256)) * 40 + b"\r\n"
 
 
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(START)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def spool(tmp_path: Path, clock: Clock) -> Iterator[Spool]:
+def spool(tmp_path: Path, clock: FakeClock) -> Iterator[Spool]:
     s = Spool(tmp_path / "spool", clock=clock)
     report = s.open()
     assert report.recovered and report.tmp_removed == 0
@@ -61,11 +55,11 @@ def _files(d: Path) -> list[str]:
 # --------------------------------------------------------------------------- basics
 
 
-def test_store_get_list_round_trip(spool: Spool, clock: Clock) -> None:
+def test_store_get_list_round_trip(spool: Spool, clock: FakeClock) -> None:
     e = spool.store(ENV, ROUTE, BODY, message_id="<m1@contoso.com>", client="user erp from 127.0.0.1")
     assert len(e.id) == 16 and e.id.isalnum()
     assert e.state is State.QUEUED and e.attempts == 0
-    assert e.created_at == e.next_attempt_at == clock.now
+    assert e.created_at == e.next_attempt_at == clock()
     assert e.size == len(BODY)
     got = spool.get(e.id)
     assert got == e
@@ -127,20 +121,20 @@ def test_queue_ids_unique_sortable_safe() -> None:
         Spool(Path("/nonexistent")).body_path("../etc/passwd")
 
 
-def test_pending_recipients_and_defer(spool: Spool, clock: Clock) -> None:
+def test_pending_recipients_and_defer(spool: Spool, clock: FakeClock) -> None:
     e = spool.store(ENV, ROUTE, BODY)
     assert e.pending_recipients == ENV.rcpt_tos
     assert spool.claim(e.id) is not None
-    clock.now += 1
+    clock.advance(1)
     d = spool.defer(
         e.id,
-        next_attempt_at=clock.now + 60,
+        next_attempt_at=clock() + 60,
         reply="451 4.7.0 Temporary server error",
         delivered=["a@example.com"],
         failed={"b@example.com": "550 5.1.10 RESOLVER.ADR.RecipientNotFound"},
         reason="transient",
     )
-    assert d.state is State.QUEUED and d.attempts == 1 and d.next_attempt_at == clock.now + 60
+    assert d.state is State.QUEUED and d.attempts == 1 and d.next_attempt_at == clock() + 60
     assert d.recipients_done == ("a@example.com",)
     assert d.recipients_failed == {"b@example.com": "550 5.1.10 RESOLVER.ADR.RecipientNotFound"}
     assert d.pending_recipients == ("c@example.com",)
@@ -156,8 +150,8 @@ def test_pending_recipients_and_defer(spool: Spool, clock: Clock) -> None:
         spool.defer("0000000000000000", next_attempt_at=0, reply="x")
 
 
-def test_claim_due_order_limit_and_skip(spool: Spool, clock: Clock) -> None:
-    t = clock.now
+def test_claim_due_order_limit_and_skip(spool: Spool, clock: FakeClock) -> None:
+    t = clock()
     late = spool.store(ENV, ROUTE, b"1", next_attempt_at=t + 100)
     b = spool.store(ENV, ROUTE, b"2", next_attempt_at=t - 5)
     a = spool.store(ENV, ROUTE, b"3", next_attempt_at=t - 10)
@@ -188,12 +182,12 @@ def test_mark_delivered_removes_row_and_body(spool: Spool) -> None:
     spool.mark_delivered(e.id, "250 2.0.0 OK")  # idempotent
 
 
-def test_kill_requeue(spool: Spool, clock: Clock) -> None:
+def test_kill_requeue(spool: Spool, clock: FakeClock) -> None:
     e = spool.store(ENV, ROUTE, BODY)
     spool.claim(e.id)
     spool.defer(
         e.id,
-        next_attempt_at=clock.now,
+        next_attempt_at=clock(),
         reply="451",
         delivered=["a@example.com"],
         failed={"b@example.com": "550"},
@@ -203,13 +197,13 @@ def test_kill_requeue(spool: Spool, clock: Clock) -> None:
     assert dead.state is State.DEAD and dead.reason == "expired" and dead.last_reply.startswith("451 4.7.0")
     assert spool.body_path(e.id).exists()  # dead letters keep their body
     assert spool.kill(e.id, "again").last_reply.startswith("451 4.7.0")  # reply kept when not given
-    assert spool.claim_due(clock.now + 10**6, 10) == []
+    assert spool.claim_due(clock() + 10**6, 10) == []
     assert not spool.hold(e.id, "x") and not spool.release(e.id) and spool.retry(e.id) == 0
-    clock.now += 3600
+    clock.advance(3600)
     assert spool.requeue(e.id)
     r = spool.get(e.id)
     assert r is not None and r.state is State.QUEUED and r.attempts == 0 and r.reason == ""
-    assert r.created_at == clock.now and r.next_attempt_at == clock.now
+    assert r.created_at == clock() and r.next_attempt_at == clock()
     assert r.recipients_done == ("a@example.com",) and r.recipients_failed == {}
     assert r.pending_recipients == ("b@example.com", "c@example.com")
     assert not spool.requeue(e.id)
@@ -217,35 +211,35 @@ def test_kill_requeue(spool: Spool, clock: Clock) -> None:
         spool.kill("0000000000000000", "x")
 
 
-def test_hold_release_retry_delete(spool: Spool, clock: Clock) -> None:
-    a = spool.store(ENV, ROUTE, b"a", next_attempt_at=clock.now + 500)
-    b = spool.store(ENV, ROUTE, b"b", next_attempt_at=clock.now + 900)
+def test_hold_release_retry_delete(spool: Spool, clock: FakeClock) -> None:
+    a = spool.store(ENV, ROUTE, b"a", next_attempt_at=clock() + 500)
+    b = spool.store(ENV, ROUTE, b"b", next_attempt_at=clock() + 900)
     assert spool.hold(a.id, "admin")
     assert not spool.hold(a.id, "admin")  # already held
     assert spool.get(a.id).reason == "admin"
-    assert [e.id for e in spool.claim_due(clock.now + 10**6, 10)] == [b.id]
+    assert [e.id for e in spool.claim_due(clock() + 10**6, 10)] == [b.id]
     # b is ACTIVE now: hold/delete refuse it
     assert spool.get(b.id).state is State.ACTIVE
     assert not spool.hold(b.id, "admin") and not spool.delete(b.id)
-    spool.defer(b.id, next_attempt_at=clock.now + 900, reply="")
-    clock.now += 1
-    assert spool.retry() == 1 and spool.get(b.id).next_attempt_at == clock.now
+    spool.defer(b.id, next_attempt_at=clock() + 900, reply="")
+    clock.advance(1)
+    assert spool.retry() == 1 and spool.get(b.id).next_attempt_at == clock()
     assert spool.retry(a.id) == 0  # held, not queued
     assert spool.release(a.id) and not spool.release(a.id)
     ra = spool.get(a.id)
-    assert ra.state is State.QUEUED and ra.next_attempt_at == clock.now and ra.reason == ""
+    assert ra.state is State.QUEUED and ra.next_attempt_at == clock() and ra.reason == ""
     assert spool.delete(a.id) and not spool.delete(a.id)
     assert spool.get(a.id) is None and not spool.body_path(a.id).exists()
     assert not spool.delete("../../etc/passwd")
 
 
-def test_unclaim_and_delete_active(spool: Spool, clock: Clock) -> None:
+def test_unclaim_and_delete_active(spool: Spool, clock: FakeClock) -> None:
     e = spool.store(ENV, ROUTE, BODY, state=State.ACTIVE)
     assert not spool.delete(e.id)  # the admin may not delete what a worker holds
-    assert spool.unclaim(e.id, clock.now + 30)
+    assert spool.unclaim(e.id, clock() + 30)
     u = spool.get(e.id)
-    assert u.state is State.QUEUED and u.attempts == 0 and u.next_attempt_at == clock.now + 30
-    assert not spool.unclaim(e.id, clock.now)  # not ACTIVE any more
+    assert u.state is State.QUEUED and u.attempts == 0 and u.next_attempt_at == clock() + 30
+    assert not spool.unclaim(e.id, clock())  # not ACTIVE any more
     assert not spool.delete_active(e.id)
     assert spool.claim(e.id)
     assert spool.delete_active(e.id)
@@ -263,11 +257,11 @@ def test_kill_records_partial_results(spool: Spool) -> None:
     )
 
 
-def test_stats(spool: Spool, clock: Clock) -> None:
+def test_stats(spool: Spool, clock: FakeClock) -> None:
     s = spool.stats()
     assert s.total == 0 and s.oldest_created_at is None and s.total_bytes == 0
     a = spool.store(ENV, ROUTE, b"x" * 10)
-    clock.now += 5
+    clock.advance(5)
     spool.store(ENV, ROUTE, b"y" * 20, state=State.HOLD)
     c = spool.store(ENV, ROUTE, b"z" * 30)
     spool.claim(c.id)
@@ -286,11 +280,11 @@ def test_writable(spool: Spool) -> None:
 # --------------------------------------------------------------------------- recovery
 
 
-def test_recovery_after_simulated_crash(tmp_path: Path, clock: Clock) -> None:
+def test_recovery_after_simulated_crash(tmp_path: Path, clock: FakeClock) -> None:
     s = Spool(tmp_path / "spool", clock=clock)
     s.open()
     kept = s.store(ENV, ROUTE, BODY)
-    active = s.store(ENV, ROUTE, BODY, next_attempt_at=clock.now + 999)
+    active = s.store(ENV, ROUTE, BODY, next_attempt_at=clock() + 999)
     assert s.claim(active.id)
     lost = s.store(ENV, ROUTE, BODY)
     dead_lost = s.store(ENV, ROUTE, BODY)
@@ -300,11 +294,11 @@ def test_recovery_after_simulated_crash(tmp_path: Path, clock: Clock) -> None:
     s.close()  # (a kill -9 drops the flock the same way)
     os.unlink(s.body_path(lost.id))
     os.unlink(s.body_path(dead_lost.id))
-    orphan = new_queue_id(clock.now)  # crash between rename into bodies/ and the commit
+    orphan = new_queue_id(clock())  # crash between rename into bodies/ and the commit
     (s.bodies_dir / orphan).write_bytes(b"never acknowledged")
     (s.tmp_dir / "junk").write_bytes(b"")
 
-    clock.now += 10
+    clock.advance(10)
     s2 = Spool(tmp_path / "spool", clock=clock)
     rep = s2.open()
     try:
@@ -317,7 +311,7 @@ def test_recovery_after_simulated_crash(tmp_path: Path, clock: Clock) -> None:
         assert _files(s2.tmp_dir) == []
         assert not (s2.bodies_dir / orphan).exists()
         a = s2.get(active.id)
-        assert a.state is State.QUEUED and a.next_attempt_at == clock.now
+        assert a.state is State.QUEUED and a.next_attempt_at == clock()
         lo = s2.get(lost.id)
         assert lo.state is State.DEAD and lo.reason == "body missing"
         assert s2.get(dead_lost.id).reason == "expired"
@@ -398,7 +392,7 @@ def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- concurrency
 
 
-def test_second_instance_like_queue_cli(spool: Spool, tmp_path: Path, clock: Clock) -> None:
+def test_second_instance_like_queue_cli(spool: Spool, tmp_path: Path, clock: FakeClock) -> None:
     ids = [spool.store(ENV, ROUTE, b"%d" % i).id for i in range(5)]
     with pytest.raises(SpoolError, match="in use"):
         Spool(spool.path).open()  # a second daemon may not recover under a running one
@@ -409,15 +403,15 @@ def test_second_instance_like_queue_cli(spool: Spool, tmp_path: Path, clock: Clo
         w = spool.writer()
         w.write(b"receiving")  # the daemon is mid-DATA: the CLI must not touch tmp/
         assert cli.hold(ids[0], "admin")
-        claimed = spool.claim_due(clock.now, 2)
+        claimed = spool.claim_due(clock(), 2)
         assert [e.id for e in claimed] == ids[1:3]
         assert {e.id: e.state for e in cli.list()}[ids[1]] is State.ACTIVE
         assert not cli.hold(ids[1], "admin") and not cli.delete(ids[1])
         assert cli.delete(ids[3])
-        assert [e.id for e in spool.claim_due(clock.now, 10)] == [ids[4]]
+        assert [e.id for e in spool.claim_due(clock(), 10)] == [ids[4]]
         assert cli.stats().counts[State.ACTIVE] == 3
         assert cli.release(ids[0])
-        assert [e.id for e in spool.claim_due(clock.now, 10)] == [ids[0]]
+        assert [e.id for e in spool.claim_due(clock(), 10)] == [ids[0]]
         assert _files(spool.tmp_dir) == [w.id]
         spool.store(ENV, ROUTE, w)
         assert len(cli.list([State.QUEUED])) == 1
@@ -425,7 +419,7 @@ def test_second_instance_like_queue_cli(spool: Spool, tmp_path: Path, clock: Clo
         cli.close()
 
 
-def test_claim_is_exclusive_between_instances_and_threads(spool: Spool, clock: Clock) -> None:
+def test_claim_is_exclusive_between_instances_and_threads(spool: Spool, clock: FakeClock) -> None:
     n = 300
     for i in range(n):
         spool.store(ENV, ROUTE if i % 2 else OTHER, b"%d" % i)
@@ -438,7 +432,7 @@ def test_claim_is_exclusive_between_instances_and_threads(spool: Spool, clock: C
         s = spool if k % 2 else other
         try:
             while True:
-                batch = s.claim_due(clock.now, 7)
+                batch = s.claim_due(clock(), 7)
                 if not batch:
                     return
                 got[k].extend(e.id for e in batch)
@@ -620,25 +614,33 @@ def test_read_only_spool_is_spool_full(mounted: Path) -> None:
 
 def test_unwritable_directory_for_service_user(tmp_path: Path) -> None:
     """The relay runs as a service user; a spool directory it may not write fails clearly."""
+    if os.geteuid() == 0:
+        pytest.skip("root writes through directory permissions; "
+                    "test_unwritable_directory_for_nobody covers this case when run as root")
+    path = tmp_path / "spool"
+    s = Spool(path)
+    s.open()
+    s.close()
+    os.chmod(path / "tmp", 0o555)
+    os.chmod(path / "bodies", 0o555)
+    try:
+        with pytest.raises(SpoolError):
+            s = Spool(path)
+            s.open(recover=False)
+            try:
+                s.store(ENV, ROUTE, BODY)
+            finally:
+                s.close()
+    finally:
+        os.chmod(path / "tmp", 0o700)
+        os.chmod(path / "bodies", 0o700)
+
+
+def test_unwritable_directory_for_nobody() -> None:
+    """A root-owned spool opened by the unprivileged user "nobody" fails clearly (full, or a spool error)."""
     if os.geteuid() != 0:
-        path = tmp_path / "spool"
-        s = Spool(path)
-        s.open()
-        s.close()
-        os.chmod(path / "tmp", 0o555)
-        os.chmod(path / "bodies", 0o555)
-        try:
-            with pytest.raises(SpoolError):
-                s = Spool(path)
-                s.open(recover=False)
-                try:
-                    s.store(ENV, ROUTE, BODY)
-                finally:
-                    s.close()
-        finally:
-            os.chmod(path / "tmp", 0o700)
-            os.chmod(path / "bodies", 0o700)
-        return
+        pytest.skip("switching to the user nobody needs root; "
+                    "test_unwritable_directory_for_service_user covers this case for other users")
     base = Path(tempfile.mkdtemp(prefix="spool-ro-"))  # reachable by "nobody", unlike tmp_path
     try:
         os.chmod(base, 0o755)
@@ -695,7 +697,7 @@ class SpoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="spool-sm-")
-        self.clock = Clock()
+        self.clock = FakeClock(START)
         self.spool = Spool(Path(self.dir) / "spool", clock=self.clock, fsync=False)
         self.spool.open()
         self.model: dict[str, State] = {}
@@ -712,7 +714,7 @@ class SpoolMachine(RuleBasedStateMachine):
 
     @rule(limit=st.integers(0, 3))
     def claim_due(self, limit: int) -> None:
-        got = self.spool.claim_due(self.clock.now, limit)
+        got = self.spool.claim_due(self.clock(), limit)
         queued = [i for i, s in self.model.items() if s is State.QUEUED]
         assert len(got) == min(limit, len(queued))
         for e in got:
@@ -722,11 +724,11 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule(qid=stored)
     def defer(self, qid: str) -> None:
         if self.model.get(qid) is State.ACTIVE:
-            assert self.spool.defer(qid, next_attempt_at=self.clock.now, reply="451").state is State.QUEUED
+            assert self.spool.defer(qid, next_attempt_at=self.clock(), reply="451").state is State.QUEUED
             self.model[qid] = State.QUEUED
         else:
             with pytest.raises(SpoolError):
-                self.spool.defer(qid, next_attempt_at=self.clock.now, reply="451")
+                self.spool.defer(qid, next_attempt_at=self.clock(), reply="451")
 
     @rule(qid=stored)
     def kill(self, qid: str) -> None:
@@ -775,7 +777,7 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.spool.close()
-        self.clock.now += 1
+        self.clock.advance(1)
         self.spool = Spool(Path(self.dir) / "spool", clock=self.clock, fsync=False)
         rep = self.spool.open()
         assert rep.active_requeued == sum(s is State.ACTIVE for s in self.model.values())

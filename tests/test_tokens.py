@@ -12,21 +12,16 @@ from relay.errors import TokenError
 from relay.testing.harness import relay_config
 from relay.testing.m365 import SimulatedM365
 from relay.tokens import TokenProvider
+from tests.fakeclock import FakeClock
 
-
-class FakeClock:
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
+START = 1_800_000_000.0
 
 
 def provider(m365: SimulatedM365, tmp_path: Path, clock: FakeClock | None = None, **app: object) -> TokenProvider:
     config = relay_config(m365, tmp_path)
     config["apps"][0].update(app)
     settings = settings_from_dict(config)
-    return TokenProvider(settings.apps[0], clock=clock or FakeClock(), environ={})
+    return TokenProvider(settings.apps[0], clock=clock or FakeClock(START), environ={})
 
 
 async def test_fifty_concurrent_first_requests_make_one_token_request(m365: SimulatedM365, tmp_path: Path) -> None:
@@ -39,11 +34,11 @@ async def test_fifty_concurrent_first_requests_make_one_token_request(m365: Simu
 
 
 async def test_refresh_ahead_of_expiry_without_making_anyone_wait(m365: SimulatedM365, tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     p = provider(m365, tmp_path, clock)
     first = await p.get()
     assert first.refresh_at < first.expires_at - 60
-    clock.now = first.refresh_at + 1  # due for refresh, still valid
+    clock.set(first.refresh_at + 1)  # due for refresh, still valid
     again = await p.get()
     assert again.value == first.value, "the current token is handed out while the refresh runs"
     task = p._refresh_task
@@ -59,10 +54,10 @@ async def test_refresh_ahead_of_expiry_without_making_anyone_wait(m365: Simulate
 
 
 async def test_expired_token_is_never_used(m365: SimulatedM365, tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(START)
     p = provider(m365, tmp_path, clock)
     first = await p.get()
-    clock.now = first.expires_at - 1
+    clock.set(first.expires_at - 1)
     second = await p.get()
     assert second.value != first.value
     p.close()

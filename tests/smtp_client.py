@@ -1,4 +1,4 @@
-"""Helpers for the security tests (no tests here): a raw-socket SMTP client that can send any bytes.
+"""A raw-socket SMTP client for the tests (no tests here): it can send any bytes and checks every reply for leaks.
 
 Every read is bounded by a socket timeout; nothing sleeps to synchronise.
 """
