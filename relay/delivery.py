@@ -23,28 +23,23 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from relay.classify import Action, Scope, Verdict
+from relay.attempt import Attempts, SubmitsMessages, Waiter, queued_reply
 from relay.committer import GroupCommitter
 from relay.config import Settings
-from relay.decision import DeadLetter, Decision, Step, backoff, decide
-from relay.envelope import Envelope, Route
-from relay.fleet import Fleet, FleetWait, SharedBlock
+from relay.envelope import Route
+from relay.fleet import Fleet, SharedBlock
 from relay.holds import Block, Holds, Probe
 from relay.observability import Metrics
 from relay.pacing import MailboxPacing, mailbox_key
-from relay.spool import Entry, Spool, State
-from relay.upstream import Outcome
+from relay.spool import Entry, Spool
 
 log = logging.getLogger("relay.delivery")
 
 #: How often queued messages are checked against ``delivery.max_age`` (also those never attempted,
 #: e.g. behind a hold that nobody fixes).
 EXPIRY_SWEEP_INTERVAL = 60.0
-#: Retry delay after a local error (e.g. the body could not be read).
-LOCAL_ERROR_RETRY = 60.0
 #: The scheduler looks at the spool at least this often: the queue CLI (another process) may have made
 #: something due without telling us.
 POLL_INTERVAL = 1.0
@@ -55,25 +50,6 @@ READY_MAX = 1024
 READY_BODIES = 128
 
 Sleep = Callable[[float], Awaitable[Any]]
-
-
-class SubmitsMessages(Protocol):
-    """What the scheduler needs from :class:`relay.upstream.Submitter` (tests pass a fake)."""
-
-    async def submit(self, route: Route, envelope: Envelope, body: bytes | Path,
-                     recipients: tuple[str, ...] | None = None) -> Outcome: ...
-
-
-@dataclass
-class _Waiter:
-    """The listener's client waiting for a sync attempt. ``committed``: the attempt has decided to hand
-    the client Exchange's permanent refusal and keep nothing, so the client must get that answer."""
-
-    waiting: bool = True
-    committed: bool = False
-    #: set as soon as Exchange accepted the message: the client may have its 250 before the spool
-    #: has recorded the delivery (invariant 1: a 2xx means fsync'd *or* accepted by Exchange).
-    accepted: asyncio.Future[str] | None = None
 
 
 @dataclass
@@ -107,20 +83,17 @@ class Delivery:
         #: holds and pauses of apps and mailboxes, and the probes that lift holds (relay.holds)
         self.held = Holds(settings, spool, metrics, clock, wake=self.wake, spawn=self._spawn,
                           probe=probe, probe_interval=probe_interval)
+        #: one attempt and its bookkeeping (relay.attempt); deliveries are recorded in groups by the
+        #: committer (shared with the listener's stores when the service wires it)
+        self.attempts = Attempts(settings, spool, submitter, metrics, committer=committer or GroupCommitter(spool),
+                                 clock=clock, rng=rng or random.Random(), pacing=self.pacing, held=self.held,
+                                 wake=self.wake)
         self.settings = settings
         self.spool = spool
-        #: records deliveries in groups (shared with the listener's stores when the service wires it)
-        self.committer = committer or GroupCommitter(spool)
-        self.submitter = submitter
-        self.metrics = metrics
         self.sleep: Sleep = sleep or asyncio.sleep
-        self.rng = rng or random.Random()
         self.max_workers = max_workers
         self._inflight: dict[str, _Flight] = {}
         self._aux: set[asyncio.Task[Any]] = set()
-        #: Outcomes the spool could not take (disk full...): written again each round until it does,
-        #: so a message Exchange accepted is not sent again. Those messages stay ACTIVE meanwhile.
-        self._unrecorded: dict[str, tuple[Entry, Outcome]] = {}
         #: New messages (ACTIVE, with their body if the listener kept it) that nobody waits for and
         #: that only wait for a connection of their mailbox: started when one frees, without a round
         #: trip through the queue (unclaim, then claim). Bounded; a crash leaves them ACTIVE, which
@@ -136,7 +109,6 @@ class Delivery:
         self._seen_version = -1
         self._seen_at = float("-inf")
         self._next_due: float | None = None
-        self.on_dead: Callable[[Entry, str], Awaitable[None] | None] | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -147,7 +119,7 @@ class Delivery:
     @settings.setter
     def settings(self, settings: Settings) -> None:
         """A reload: pacing and holds follow (the per-mailbox limits are looked up again)."""
-        self._settings = self.pacing.settings = self.held.settings = settings
+        self._settings = self.pacing.settings = self.held.settings = self.attempts.settings = settings
 
     @property
     def fleet(self) -> Fleet | None:
@@ -158,6 +130,15 @@ class Delivery:
     @fleet.setter
     def fleet(self, fleet: Fleet | None) -> None:
         self.pacing.fleet = self.held.fleet = fleet
+
+    @property
+    def on_dead(self) -> Callable[[Entry, str], Awaitable[None] | None] | None:
+        """Called with each new dead letter and its reason (the service sends the DSN)."""
+        return self.attempts.on_dead
+
+    @on_dead.setter
+    def on_dead(self, notify: Callable[[Entry, str], Awaitable[None] | None] | None) -> None:
+        self.attempts.on_dead = notify
 
     @property
     def probe_interval(self) -> float:
@@ -201,7 +182,7 @@ class Delivery:
 
     def idle(self) -> bool:
         """Nothing in flight, no probe running, no wake-up pending (tests driving a fake clock)."""
-        return not (self._inflight or self.held.probes or self._aux or self._unrecorded or self._wake.is_set())
+        return not (self._inflight or self.held.probes or self._aux or self.attempts.unrecorded or self._wake.is_set())
 
     def wake(self) -> None:
         self._wake.set()
@@ -253,7 +234,7 @@ class Delivery:
             # the message back to the queue and claiming it again (two transactions saved).
             slot = self.pacing.pacer(route.mailbox).take()
             if slot is not None:
-                self._launch(entry, self._deliver(entry, None, body), slot, counts=True)
+                self._launch(entry, self.attempts.attempt(entry, None, body), slot, counts=True)
                 return self.queued_reply(entry)
         elif (wait <= 0 and not self._stopping and self.held.blocked(route) is None and self._ready_count < READY_MAX
               and not self.pacing.fleet_waiting(route.mailbox)
@@ -270,9 +251,9 @@ class Delivery:
             await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock(), why)
             self.wake()
             return self.queued_reply(entry)
-        waiter = _Waiter(accepted=asyncio.get_running_loop().create_future())
+        waiter = Waiter(accepted=asyncio.get_running_loop().create_future())
         assert waiter.accepted is not None
-        task = self._launch(entry, self._deliver(entry, waiter, body), slot, counts=True)
+        task = self._launch(entry, self.attempts.attempt(entry, waiter, body), slot, counts=True)
         try:
             await asyncio.wait({task, waiter.accepted}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -294,182 +275,9 @@ class Delivery:
 
     @staticmethod
     def queued_reply(entry: Entry) -> str:
-        return f"250 2.0.0 Ok: queued as {entry.id}"
+        return queued_reply(entry)
 
     # ------------------------------------------------------------------ one attempt
-
-    async def _deliver(self, entry: Entry, waiter: _Waiter | None = None, body: bytes | None = None) -> str:
-        """One attempt and its bookkeeping. Never raises but for cancellation (stop): a message whose
-        attempt was cancelled stays ACTIVE and is due again at the next start (spool recovery)."""
-        outcome: Outcome | None = None
-        fleet, shared = self.fleet, None
-        try:
-            # Unless the listener still holds a small body: the path, not the bytes (upstream streams
-            # the body from the spool file, so memory does not grow with message size).
-            source = body if body is not None else self.spool.body_path(entry.id)
-            if fleet is not None:  # beside the local pacer: the mailbox's minute across the fleet
-                shared = await fleet.take(entry.route.mailbox, len(entry.pending_recipients))
-            try:
-                outcome = await self.submitter.submit(entry.route, entry.envelope, source, entry.pending_recipients)
-                if fleet is not None and not outcome.delivered and outcome.verdict.code:
-                    # Exchange answered with a refusal: it did not count this one in its minute either.
-                    await fleet.cancel(shared)
-                    shared = None
-            except FleetWait:
-                if fleet is not None:
-                    await fleet.cancel(shared)
-                shared = None
-                raise
-            finally:
-                if fleet is not None:
-                    fleet.done(shared)
-            return await self._record(entry, outcome, waiter)
-        except FleetWait as wait:
-            return await self._fleet_wait(entry, wait)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # never let one message stop the scheduler; it stays in the spool
-            log.error("delivery attempt crashed: %s", type(exc).__name__,
-                      extra={"event": "attempt_error", "queue_id": entry.id, "error_type": type(exc).__name__})
-            if outcome is not None:
-                # Exchange has answered but the spool did not take the answer: keep it and write it
-                # again next round (forgetting a 250 would send the message twice).
-                self._unrecorded[entry.id] = (entry, outcome)
-                return self.queued_reply(entry)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.spool.defer, entry.id, next_attempt_at=self.clock() + LOCAL_ERROR_RETRY,
-                                        reply=f"local error: {type(exc).__name__}", reason="local_error")
-            return self.queued_reply(entry)
-
-    async def _fleet_wait(self, entry: Entry, wait: FleetWait) -> str:
-        """The fleet had no room (session slots, the minute, the daily recipients): nothing was sent.
-        The message goes back to the queue untouched (no attempt counted) and the mailbox waits."""
-        mailbox = mailbox_key(entry.route.mailbox)
-        now = self.clock()
-        self.pacing.fleet_wait(mailbox, entry.id, now + wait.seconds)
-        if wait.reason == "recipients_per_day" and ("mailbox", mailbox) not in self.blocks:
-            # Spent for the day: the mailbox waits (a hold that says why and when it frees), nothing bounces.
-            verdict = Verdict(Action.HOLD, "recipients_per_day",
-                              f"452 4.5.3 daily recipient budget of {mailbox} spent fleet-wide", Scope.MAILBOX,
-                              hint=f"frees in {round(wait.seconds / 60)} min; Exchange allows 10,000 a day")
-            self.held.block("hold", verdict, entry.route, until=now + wait.seconds)
-        await asyncio.to_thread(self.spool.unclaim, entry.id, now + wait.seconds, f"fleet: {wait.reason}")
-        self.wake()
-        return self.queued_reply(entry)
-
-    async def _record(self, entry: Entry, outcome: Outcome, waiter: _Waiter | None) -> str:
-        """Carry out what :func:`relay.decision.decide` says: spool writes, metrics, logs, the waiting client."""
-        verdict = outcome.verdict
-        now = self.clock()
-        self.metrics.attempt(entry.route.mailbox, verdict.reason, outcome.duration)
-        decision = decide(entry, outcome, now, self.settings, client_waiting=waiter is not None and waiter.waiting,
-                          jittered=self._backoff)
-        base = {"queue_id": entry.id, "message_id": entry.message_id, "mailbox": entry.route.mailbox,
-                "recipients": len(entry.envelope.rcpt_tos), "attempt": entry.attempts + 1,
-                "duration_ms": round(outcome.duration * 1000), "reply": verdict.reply}
-        if decision.step is Step.DELIVERED:
-            return await self._record_delivered(entry, outcome, decision, waiter, base)
-        if decision.step in (Step.HAND_BACK, Step.FAIL):
-            return await self._record_failed(entry, outcome, decision, waiter, base)
-        # Something to try again: for all pending recipients, or only the deferred ones.
-        if decision.block is not None:
-            self.held.block(decision.block, verdict, entry.route)
-        if decision.dead is not None:  # expired
-            await self._kill(entry, decision.dead, delivered=outcome.delivered, failed=decision.failed, attempted=True)
-            return self.queued_reply(entry)
-        await asyncio.to_thread(self.spool.defer, entry.id, next_attempt_at=now + decision.delay, reply=verdict.reply,
-                                delivered=outcome.delivered, failed=decision.failed, reason=decision.reason)
-        if outcome.delivered or decision.failed:
-            self._report_failed_recipients(entry, decision.failed)
-        self.metrics.deferred(verdict.reason)
-        held = verdict.action is Action.HOLD
-        log.log(logging.ERROR if held else logging.INFO, "held: configuration problem" if held else "deferred",
-                extra={"event": "held" if held else "deferred", **base, "reason": verdict.reason,
-                       "retry_in": round(decision.delay, 1), "hint": verdict.hint,
-                       "delivered_now": len(outcome.delivered)})
-        self.wake()
-        return self.queued_reply(entry)
-
-    async def _record_delivered(self, entry: Entry, outcome: Outcome, decision: Decision, waiter: _Waiter | None,
-                                base: dict[str, Any]) -> str:
-        """Every recipient has its answer and Exchange took the message for some of them."""
-        reply = f"250 2.0.0 Ok: delivered as {outcome.upstream_id or entry.id} (queue id {entry.id})"
-        if waiter is not None and waiter.accepted is not None and not waiter.accepted.done():
-            waiter.accepted.set_result(reply)
-        self.metrics.delivered(entry.route.mailbox)
-        log.info("delivered", extra={"event": "delivered", **base, "upstream_id": outcome.upstream_id,
-                                     "failed_recipients": len({**entry.recipients_failed, **decision.failed})})
-        if decision.dead is not None:
-            # Keep the refused part as a dead letter: an admin sees who did not get it (and a DSN
-            # can go out); ``queue requeue`` sends it to those recipients only.
-            self._report_failed_recipients(entry, decision.failed)
-            await self._kill(entry, decision.dead, delivered=outcome.delivered, failed=decision.failed, attempted=True)
-        else:
-            await self.committer.mark_delivered(entry.id)
-        return reply
-
-    async def _record_failed(self, entry: Entry, outcome: Outcome, decision: Decision, waiter: _Waiter | None,
-                             base: dict[str, Any]) -> str:
-        """Refused permanently by Exchange: back to the waiting client, or a dead letter."""
-        verdict = outcome.verdict
-        self.metrics.failed(verdict.reason)
-        log.warning("refused permanently by Exchange", extra={"event": "failed", **base,
-                                                              "reason": verdict.reason, "hint": verdict.hint})
-        self._report_failed_recipients(entry, decision.failed)
-        if decision.step is Step.HAND_BACK and waiter is not None:
-            # The client is still waiting: pass Exchange's refusal back and keep nothing.
-            waiter.committed = True
-            await asyncio.to_thread(self.spool.delete_active, entry.id)
-            return _as_reply(verdict)
-        assert decision.dead is not None
-        await self._kill(entry, decision.dead, delivered=outcome.delivered, failed=decision.failed, attempted=True)
-        return _as_reply(verdict) if waiter is not None and waiter.waiting else self.queued_reply(entry)
-
-    def _backoff(self, attempt: int) -> float:
-        retry = self.settings.delivery.retry
-        return backoff(attempt, retry.first, retry.max, retry.factor, self.rng)
-
-    def _report_failed_recipients(self, entry: Entry, failed: dict[str, str]) -> None:
-        for rcpt, reply in failed.items():
-            log.warning("recipient refused permanently", extra={
-                "event": "recipient_failed", "queue_id": entry.id, "message_id": entry.message_id,
-                "recipient": rcpt, "reply": reply})
-
-    async def _kill(self, entry: Entry, letter: DeadLetter, *, delivered: tuple[str, ...] = (),
-                    failed: dict[str, str] | None = None, attempted: bool = False) -> None:
-        """Move to dead letters, as ``letter`` says."""
-        dead = await asyncio.to_thread(self.spool.kill, entry.id, letter.reason, letter.reply, delivered=delivered,
-                                       failed=failed or {}, attempted=attempted)
-        self.metrics.dead(letter.kind)
-        log.error("moved to dead letters", extra={"event": "dead_letter", "queue_id": entry.id,
-                                                  "message_id": entry.message_id, "reason": letter.reason})
-        if self.on_dead is not None:
-            try:
-                result = self.on_dead(dead, letter.reason)
-                if result is not None:
-                    await result
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the dead letter is recorded; a failed notice must not undo that
-                log.error("dead-letter notice failed: %s", type(exc).__name__,
-                          extra={"event": "dead_letter_notice_failed", "queue_id": entry.id})
-
-    # ------------------------------------------------------------------ expiry
-
-    async def _expire(self, now: float) -> None:
-        """Dead-letter queued messages older than ``max_age`` that no attempt expired (held, paused)."""
-        max_age = self.settings.delivery.max_age
-        entries = await asyncio.to_thread(self.spool.list, [State.QUEUED])
-        for entry in entries:
-            if now - entry.created_at < max_age or entry.id in self._inflight:
-                continue
-            why = entry.last_reply or entry.reason or "never attempted"
-            held = self.held.blocked(entry.route)
-            if held is not None:
-                why = f"{held.kind} of {held.scope} {held.name}: {held.reply or held.reason}"
-            await self._kill(entry, DeadLetter(
-                "expired", f"expired after {round(now - entry.created_at)} s and {entry.attempts} attempts: {why}",
-                entry.last_reply))
 
     # ------------------------------------------------------------------ the scheduler
 
@@ -502,20 +310,10 @@ class Delivery:
             free -= len(got)
         return out
 
-    async def _record_again(self) -> None:
-        for id, (entry, outcome) in list(self._unrecorded.items()):
-            try:
-                await self._record(entry, outcome, None)
-            except Exception as exc:
-                log.warning("outcome still not recorded: %s", type(exc).__name__,
-                            extra={"event": "record_retry_failed", "queue_id": id, "error_type": type(exc).__name__})
-                return  # the spool is still unwell: try again next round
-            del self._unrecorded[id]
-
     async def tick(self) -> float:
         """One scheduling round. Returns how long the scheduler may sleep before the next round."""
-        if self._unrecorded:
-            await self._record_again()
+        if self.attempts.unrecorded:
+            await self.attempts.record_again()
         self.held.probe_due()
         now = self.clock()
         if self._ready:
@@ -534,7 +332,7 @@ class Delivery:
         # After claiming: a message due for its last attempt gets it; what could not go expires.
         if now >= self._next_sweep:
             self._next_sweep = now + EXPIRY_SWEEP_INTERVAL
-            await self._expire(now)
+            await self.attempts.expire(now, self._inflight)
         self._next_due = await asyncio.to_thread(self.spool.next_due_at)
         self._seen_version, self._seen_at = version, now
         return self._next_wake(self._next_due)
@@ -555,7 +353,7 @@ class Delivery:
                 if slot is None:
                     self._launch(entry, self._requeue(entry), None, counts=False)
                 else:
-                    self._launch(entry, self._deliver(entry, None, body), slot, counts=True)
+                    self._launch(entry, self.attempts.attempt(entry, None, body), slot, counts=True)
             if not line:
                 del self._ready[mailbox]
 
@@ -589,7 +387,7 @@ class Delivery:
             # Claimed but cannot go now: back to the queue, untouched.
             self._launch(entry, self._requeue(entry), None, counts=False)
         else:
-            self._launch(entry, self._deliver(entry), slot, counts=True)
+            self._launch(entry, self.attempts.attempt(entry), slot, counts=True)
 
     async def _requeue(self, entry: Entry) -> str:
         delay = self.pacing.pacer(entry.route.mailbox).delay()
@@ -682,14 +480,3 @@ class Delivery:
         leftovers = [*self.held.probes.values(), *self._aux]
         if leftovers:
             await asyncio.wait(leftovers, timeout=1)
-
-
-def _as_reply(verdict: Verdict) -> str:
-    """Exchange's refusal as an SMTP reply line for our client."""
-    code = verdict.code if verdict.code and 500 <= verdict.code < 600 else 554
-    text = verdict.reply
-    if text.startswith(str(code)):
-        text = text[3:].strip()
-    if not verdict.enhanced and not text[:1].isdigit():
-        text = f"5.0.0 {text}"
-    return f"{code} {text}"[:510]
