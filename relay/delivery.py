@@ -1,4 +1,4 @@
-"""Scheduler and workers: pick due messages, pace them per mailbox, classify outcomes, retry or fail.
+"""The scheduler: pick due messages, start each within its mailbox's room, serve the immediate attempt.
 
 The spool is the truth: every decision is written there before it counts, so the process can die at
 any line and the next start carries on. In memory we only keep what may be lost: pacing windows,
@@ -7,8 +7,8 @@ holds and pauses (recomputed by probing), and the tasks in flight.
 - **Pacing** (relay.pacing): a mailbox's messages are claimed only while it has a connection and a
   pacing slot free; a burst waits in the spool, not in memory.
 - **Holds and pauses** (relay.holds): nothing is attempted for a held or paused app or mailbox.
-- **Outcomes** (relay.decision): what to do after an attempt is a pure function; this module carries
-  it out (spool, metrics, logs, the waiting client).
+- **Attempts** (relay.attempt): one submission and its bookkeeping; what follows an outcome is the
+  pure function relay.decision.decide, carried out there (spool, metrics, logs, the waiting client).
 - **Time** comes from an injected ``clock`` and the scheduler waits through an injected ``sleep``, so
   tests drive backoff, pacing and expiry with a fake clock instead of real waiting.
 """
