@@ -19,10 +19,12 @@ import pytest
 
 from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
 from relay.config import Settings, settings_from_dict
-from relay.delivery import PACING_WINDOW, POLL_INTERVAL, Delivery, Pacer, backoff
+from relay.decision import backoff
+from relay.delivery import POLL_INTERVAL, Delivery
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError, SpoolFull, TokenError
 from relay.observability import Metrics
+from relay.pacing import PACING_WINDOW, Pacer
 from relay.spool import Entry, Spool, State, StoreRequest
 from relay.upstream import Outcome
 from tests.fakeclock import FakeClock
@@ -636,7 +638,7 @@ async def test_waiting_new_messages_go_back_to_the_queue_on_a_hold_and_on_stop(
     await asyncio.sleep(0)
     assert len(h.submitter.calls) == 1 and {h.entry(e).state for e in (second, third)} == {State.ACTIVE}
     verdict = classify_reply(535, AUTH_FAILED, Stage.AUTH)
-    h.delivery._block("hold", verdict, ROUTE)
+    h.delivery.held.block("hold", verdict, ROUTE)
     await h.delivery.tick()
     async with asyncio.timeout(10):
         while {h.entry(e).state for e in (second, third)} != {State.QUEUED}:
