@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import aiosmtplib
@@ -42,6 +42,7 @@ from relay.hints import (
 __all__ = [
     "RULES",
     "Action",
+    "Outcome",
     "Rule",
     "Scope",
     "Stage",
@@ -97,6 +98,23 @@ class Verdict:
     hint: str = ""
     code: int | None = None
     enhanced: str = ""
+
+
+@dataclass
+class Outcome:
+    """What one delivery attempt achieved, recipient by recipient.
+
+    ``verdict`` is the verdict for the message as a whole (DELIVERED when every recipient is done or
+    permanently refused); ``delivered`` are recipients Exchange accepted the message for, ``failed``
+    permanently refused recipients, ``deferred`` recipients to try again.
+    """
+
+    verdict: Verdict
+    delivered: tuple[str, ...] = ()
+    failed: dict[str, Verdict] = field(default_factory=dict)
+    deferred: tuple[str, ...] = ()
+    upstream_id: str = ""
+    duration: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from relay.classify import Action, Scope, Verdict
+from relay.classify import Action, Outcome, Scope, Verdict
 from relay.committer import GroupCommitter
 from relay.config import Settings
 from relay.envelope import Envelope, Route
 from relay.fleet import Fleet, FleetWait, SharedBlock
 from relay.observability import Metrics
 from relay.spool import Entry, Spool, State
-from relay.upstream import Outcome
 
 log = logging.getLogger("relay.delivery")
 

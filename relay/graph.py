@@ -47,12 +47,11 @@ import jwt
 import requests
 
 from relay.blocking import call_with_deadline
-from relay.classify import Action, Scope, Stage, Verdict, classify_exception
+from relay.classify import Action, Outcome, Scope, Stage, Verdict, classify_exception
 from relay.config import AppSettings, MailboxSettings, Settings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
-from relay.tokens import Token, TokenProvider, _proxy_from_environment, host_of
-from relay.upstream import Outcome
+from relay.tokens import Token, TokenProvider, host_of, proxy_from_environment
 
 log = logging.getLogger("relay.graph")
 
@@ -382,7 +381,7 @@ class GraphSender:
             session = requests.Session()
             session.trust_env = False
             session.verify = str(app.token_ca_file) if app.token_ca_file else True
-            proxy = app.proxy or _proxy_from_environment(app.effective_graph_host, self._environ)
+            proxy = app.proxy or proxy_from_environment(app.effective_graph_host, self._environ)
             if proxy:
                 session.proxies = {"https": proxy, "http": proxy}
             self._sessions[app.name] = session

@@ -20,14 +20,23 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiosmtplib
 
 from relay import smtp_transaction
-from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply, timeout_text
+from relay.classify import (
+    Action,
+    Outcome,
+    Scope,
+    Stage,
+    Verdict,
+    classify_exception,
+    classify_reply,
+    timeout_text,
+)
 from relay.config import AppSettings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
@@ -61,23 +70,6 @@ def _tls_context(cafile: str | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=cafile)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
-
-
-@dataclass
-class Outcome:
-    """What one delivery attempt achieved, recipient by recipient.
-
-    ``verdict`` is the verdict for the message as a whole (DELIVERED when every recipient is done or
-    permanently refused); ``delivered`` are recipients Exchange accepted the message for, ``failed``
-    permanently refused recipients, ``deferred`` recipients to try again.
-    """
-
-    verdict: Verdict
-    delivered: tuple[str, ...] = ()
-    failed: dict[str, Verdict] = field(default_factory=dict)
-    deferred: tuple[str, ...] = ()
-    upstream_id: str = ""
-    duration: float = 0.0
 
 
 @dataclass

@@ -17,14 +17,13 @@ from typing import Any
 
 import pytest
 
-from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
+from relay.classify import Action, Outcome, Scope, Stage, Verdict, classify_exception, classify_reply
 from relay.config import Settings, settings_from_dict
 from relay.delivery import PACING_WINDOW, POLL_INTERVAL, Delivery, Pacer, backoff
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError, SpoolFull, TokenError
 from relay.observability import Metrics
 from relay.spool import Entry, Spool, State, StoreRequest
-from relay.upstream import Outcome
 from tests.fakeclock import FakeClock
 
 MAILBOX = "relay@contoso.com"

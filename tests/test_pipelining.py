@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import relay.smtp_transaction as smtp_transaction
-from relay.classify import Action, Scope, Stage, classify_reply
+from relay.classify import Action, Outcome, Scope, Stage, classify_reply
 from relay.config import settings_from_dict
 from relay.envelope import Envelope, Route
 from relay.testing.harness import relay_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from relay.tokens import TokenProviders
-from relay.upstream import Outcome, SessionPool, Submitter
+from relay.upstream import SessionPool, Submitter
 
 MODES = ("step", "pipelining", "chunking")
 RCPTS = ("a@fabrikam.example", "b@fabrikam.example", "c@fabrikam.example")
