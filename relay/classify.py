@@ -38,6 +38,7 @@ from relay.hints import (
     hint_for_aadsts,
     hint_for_reply,
 )
+from relay.text import one_line
 
 __all__ = [
     "RULES",
@@ -242,7 +243,6 @@ RULES: tuple[Rule, ...] = (
 )
 
 _ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 def parse_enhanced(text: str) -> str:
@@ -253,9 +253,7 @@ def parse_enhanced(text: str) -> str:
 
 def _clean(text: str) -> str:
     """One line, no control characters, bounded length."""
-    text = _CONTROL_RE.sub(" ", text).strip()
-    text = re.sub(r" {2,}", " ", text)
-    return text if len(text) <= MAX_REPLY else text[: MAX_REPLY - 3] + "..."
+    return one_line(text, MAX_REPLY, squeeze=True)
 
 
 def _strip_code(code: int, text: str) -> str:

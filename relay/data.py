@@ -40,6 +40,7 @@ from relay.rewrite import (
     is_simple_address_field,
     split_header_fields,
 )
+from relay.text import CONTROL
 
 log = logging.getLogger("relay.data")
 
@@ -50,7 +51,6 @@ SPOOL_ERROR = "451 4.3.0 Local error storing the message, try again later"
 
 _CHUNK = 64 * 1024
 _BARE_EOL = re.compile(rb"\r\n|\n|\r")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Give other connections a turn after this many lines or blocks read from an already full buffer
 #: (``readuntil`` does not yield while the data is there).
 _YIELD_EVERY = 256
@@ -133,7 +133,7 @@ def message_id_of(block: bytes) -> str:
     """The Message-ID for logs: first field's value, control characters removed, bounded."""
     for raw in split_header_fields(block):
         if field_name(raw) == "message-id":
-            return _CONTROL.sub("", field_value(raw)[:1024]).strip()[:256]
+            return CONTROL.sub("", field_value(raw)[:1024]).strip()[:256]
     return ""
 
 

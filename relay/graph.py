@@ -51,6 +51,7 @@ from relay.classify import Action, Outcome, Scope, Stage, Verdict, classify_exce
 from relay.config import AppSettings, MailboxSettings, Settings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
+from relay.text import one_line
 from relay.tokens import Token, TokenProvider, host_of, proxy_from_environment
 
 log = logging.getLogger("relay.graph")
@@ -527,5 +528,4 @@ def _reply_from(response: requests.Response, now: float) -> GraphReply:
 
 
 def _clean(text: str) -> str:
-    text = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
-    return text if len(text) <= 400 else text[:397] + "..."
+    return one_line(text, 400)

@@ -33,13 +33,14 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.addresses import parse_path
-from relay.config import AuthMode, ListenSettings, Settings, TlsMode
+from relay.config import AuthMode, ListenSettings, Settings, TlsMode, is_loopback_host
 from relay.data import INTERNAL_ERROR, SPOOL_FULL, BodySink, DataReceiver, LineTooLong, read_line, take_message
 from relay.envelope import Envelope as RelayEnvelope
 from relay.envelope import Route
 from relay.errors import SpoolError
 from relay.passwords import VerifiedCache, hash_password, verify_password
 from relay.policy import Policy, Principal, Refusal
+from relay.text import CONTROL
 
 log = logging.getLogger("relay.listener")
 
@@ -78,16 +79,6 @@ class Intake(Protocol):
         ...
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
-
-
 #: The key every loopback client shares: one local process could otherwise pick any of the 16 million
 #: source addresses of 127.0.0.0/8 (and ::1, ::ffff:127.x) to get a fresh count each time.
 LOOPBACK_KEY = "loopback"
@@ -101,7 +92,7 @@ def _ban_key(address: str) -> str:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
-    if is_loopback(address):
+    if is_loopback_host(address):
         return LOOPBACK_KEY
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
@@ -112,7 +103,7 @@ def _ban_key(address: str) -> str:
 
 def slot_key(address: str) -> str:
     """What ``limits.max_connections_per_address`` counts: an address, with all of loopback as one."""
-    return LOOPBACK_KEY if is_loopback(address) else address
+    return LOOPBACK_KEY if is_loopback_host(address) else address
 
 
 @dataclass(eq=False)
@@ -274,7 +265,6 @@ _ENHANCED_BY_CODE = {
 #: 2xx replies of aiosmtpd worth an enhanced code (EHLO lines and the greeting take none).
 _ENHANCED_2XX = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye"}
 _HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SESSION_TOO_LONG = "421 4.4.2 Session time limit reached, closing connection"
 _MAX_REPLY = 512
 
@@ -282,7 +272,7 @@ _MAX_REPLY = 512
 def normalise_reply(status: str) -> str:
     """Every 4xx/5xx single-line reply gets an enhanced status code; no control characters (a client
     cannot make us echo a CR or LF into a reply); a bounded length; aiosmtpd's "Error: " prefix goes."""
-    status = _CONTROL.sub("?", status)[:_MAX_REPLY]
+    status = CONTROL.sub("?", status)[:_MAX_REPLY]
     if status in _ENHANCED_2XX:
         return _ENHANCED_2XX[status]
     code, sep, text = status[:3], status[3:4], status[4:]
@@ -582,7 +572,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
     def offers_auth(self) -> bool:
         if not self._auth_methods or not self.state.settings.users:
             return False
-        return self.encrypted or self.state.settings.accept.plaintext_auth == "anywhere" or is_loopback(
+        return self.encrypted or self.state.settings.accept.plaintext_auth == "anywhere" or is_loopback_host(
             self.peer_ip)
 
     def principal(self) -> Principal | None:
@@ -700,7 +690,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         attempt = await state.auth_limiter.begin(self.peer_ip)
         if attempt is None:
             log.warning("AUTH refused unchecked: too many failed logins from this client", extra={
-                "event": "auth_refused", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip})
+                "event": "auth_refused", "user": CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip})
             return await self._refuse_banned()
         try:
             ok = await self._check_password(login, password)
@@ -715,7 +705,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             return AuthResult(success=True, auth_data=LoginPassword(login_b, b""))
         failures = state.auth_limiter.fail(attempt)
         log.warning("client authentication failed", extra={
-            "event": "auth_failed", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip,
+            "event": "auth_failed", "user": CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip,
             "failures": failures})
         cfg = state.settings.limits.auth_failures
         delay = min(cfg.delay * failures, cfg.max_delay)
