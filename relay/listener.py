@@ -21,7 +21,6 @@ import functools
 import inspect
 import ipaddress
 import logging
-import re
 import secrets
 import ssl
 import time
@@ -32,9 +31,10 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from relay import replies as R
 from relay.addresses import parse_path
 from relay.config import AuthMode, ListenSettings, Settings, TlsMode, is_loopback_host
-from relay.data import INTERNAL_ERROR, SPOOL_FULL, BodySink, DataReceiver, LineTooLong, read_line, take_message
+from relay.data import BodySink, DataReceiver, LineTooLong, read_line, take_message
 from relay.envelope import Envelope as RelayEnvelope
 from relay.envelope import Route
 from relay.errors import SpoolError
@@ -255,34 +255,6 @@ class _Transaction:
     user: str | None = None
 
 
-#: Enhanced status codes (RFC 3463) for replies aiosmtpd writes without one, by reply code.
-_ENHANCED_BY_CODE = {
-    "421": "4.3.0", "450": "4.2.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
-    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
-    "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4", "553": "5.1.3",
-    "554": "5.7.0", "555": "5.5.4",
-}
-#: 2xx replies of aiosmtpd worth an enhanced code (EHLO lines and the greeting take none).
-_ENHANCED_2XX = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye"}
-_HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
-_SESSION_TOO_LONG = "421 4.4.2 Session time limit reached, closing connection"
-_MAX_REPLY = 512
-
-
-def normalise_reply(status: str) -> str:
-    """Every 4xx/5xx single-line reply gets an enhanced status code; no control characters (a client
-    cannot make us echo a CR or LF into a reply); a bounded length; aiosmtpd's "Error: " prefix goes."""
-    status = CONTROL.sub("?", status)[:_MAX_REPLY]
-    if status in _ENHANCED_2XX:
-        return _ENHANCED_2XX[status]
-    code, sep, text = status[:3], status[3:4], status[4:]
-    if sep != " " or code not in _ENHANCED_BY_CODE or _HAS_ENHANCED.match(status):
-        return status
-    text = text.removeprefix("Error: ")
-    text = text[:1].upper() + text[1:]
-    return f"{code} {_ENHANCED_BY_CODE[code]} {text}".rstrip()
-
-
 def _hook_names(cls: type) -> list[str]:
     """The attribute names aiosmtpd looks for by introspection (auth_*, smtp_*, handle_*)."""
     return [n for n in object.__dir__(cls) if n.startswith(("auth_", "smtp_", "handle_"))] + [
@@ -304,11 +276,6 @@ class _CheapIntrospection:
         return names
 
 
-#: RFC 6531 3.7.4.1: a non-ASCII address in a transaction whose MAIL did not say SMTPUTF8. Refused at
-#: once: accepted, it could never be delivered (Exchange refuses it the same way, on every retry).
-_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM"
-
-
 class RelayHandler(_CheapIntrospection):
     """aiosmtpd hooks: who may send (MAIL), to whom (RCPT), EHLO capabilities, errors."""
 
@@ -324,13 +291,13 @@ class RelayHandler(_CheapIntrospection):
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         if not address.isascii() and "SMTPUTF8" not in mail_options:
-            return _NEEDS_SMTPUTF8
+            return R.NEEDS_SMTPUTF8
         txn = server.txn
         principal = server.principal()
         if principal is None:
             if server.offers_auth():
-                return "530 5.7.0 Authentication required"
-            return f"550 5.7.1 Relaying denied: {server.peer_ip} may not send through this relay"
+                return R.AUTH_REQUIRED
+            return R.relaying_denied(server.peer_ip)
         # aiosmtpd hands the null sender (bounces) over as "<>"; it stays that way in its envelope
         # (RCPT needs a non-empty mail_from) and becomes "" in ours.
         route = self.state.policy.route(principal, "" if address == "<>" else address)
@@ -345,7 +312,7 @@ class RelayHandler(_CheapIntrospection):
         txn.route = route
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 Sender OK"
+        return R.SENDER_OK
 
     def _too_big_for_graph(self, route: Route, mail_options: list[str]) -> str | None:
         """552 at MAIL for a declared SIZE that a Graph-only mailbox could never send (RFC 1870: say
@@ -363,32 +330,31 @@ class RelayHandler(_CheapIntrospection):
             return None
         if int(declared) <= limit:
             return None
-        return (f"552 5.3.4 Message size exceeds the Microsoft Graph limit of mailbox {mbx.address}"
-                f" ({limit} bytes)")
+        return R.too_big_for_graph(mbx.address, limit)
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.state.settings.limits.max_recipients:
-            return f"452 4.5.3 Too many recipients (at most {self.state.settings.limits.max_recipients})"
+            return R.too_many_recipients(self.state.settings.limits.max_recipients)
         if not address.isascii() and not envelope.smtp_utf8:
-            return _NEEDS_SMTPUTF8
+            return R.NEEDS_SMTPUTF8
         refusal = self.state.policy.check_recipient(address)
         if refusal is not None:
             return refusal.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Recipient OK"
+        return R.RECIPIENT_OK
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         server.txn = _Transaction(user=server.txn.user)
-        return "250 2.0.0 OK"
+        return R.RESET_OK
 
     async def handle_exception(self, error: Exception) -> str:
         # Only the class name reaches the log (never str(error): it may quote client data); the
         # client sees a fixed transient reply.
         log.error("unexpected error in an SMTP session: %s", type(error).__name__,
                   extra={"event": "session_error", "error_type": type(error).__name__})
-        return INTERNAL_ERROR
+        return R.INTERNAL_ERROR
 
 
 # aiosmtpd inspects handle_EHLO's signature on every connection (to tell its old 4-argument form
@@ -450,7 +416,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         log.info("session closed: longer than limits.max_session", extra={
             "event": "session_limit", "client_ip": self.peer_ip,
             "max_session": self.state.settings.limits.max_session})
-        await self._refuse_connection(_SESSION_TOO_LONG)
+        await self._refuse_connection(R.SESSION_TOO_LONG)
 
     def _session_expired(self) -> None:
         """The hard stop, data_timeout after max_session: whatever the client is doing (silent,
@@ -461,12 +427,12 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             log.info("session closed: longer than limits.max_session", extra={
                 "event": "session_limit", "client_ip": self.peer_ip,
                 "max_session": self.state.settings.limits.max_session})
-            transport.write(_SESSION_TOO_LONG.encode() + b"\r\n")
+            transport.write(R.SESSION_TOO_LONG.encode() + b"\r\n")
             transport.close()
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            await super().push(normalise_reply(status))
+            await super().push(R.normalise_reply(status))
         else:
             await super().push(status)
 
@@ -474,7 +440,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         # aiosmtpd closes silently; RFC 5321 4.2: say why with 421 before closing.
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
+            transport.write(R.IDLE_TIMEOUT.encode() + b"\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -517,19 +483,19 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         limits = state.settings.limits
         ip = self.peer_ip
         if state.auth_limiter.banned(ip):
-            await self._refuse_connection("421 4.7.0 Too many failed logins from your address, try later")
+            await self._refuse_connection(R.BANNED)
             return
         if state.connections >= limits.max_connections:
             log.warning("connection refused: too many connections",
                         extra={"event": "connection_limit", "client_ip": ip, "limit": limits.max_connections})
-            await self._refuse_connection("421 4.7.0 Too many connections, try again later")
+            await self._refuse_connection(R.TOO_MANY_CONNECTIONS)
             return
         slot = slot_key(ip)
         if state.per_address[slot] >= limits.max_connections_per_address:
             log.warning("connection refused: too many connections from one address",
                         extra={"event": "connection_limit", "client_ip": ip,
                                "limit": limits.max_connections_per_address})
-            await self._refuse_connection("421 4.7.0 Too many connections from your address, try again later")
+            await self._refuse_connection(R.TOO_MANY_FROM_ADDRESS)
             return
         state.connections += 1
         state.per_address[slot] += 1
@@ -614,17 +580,17 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         try:
             line = await read_line(self._reader, b"\n")
         except LineTooLong:
-            await self.push("500 5.5.6 Authentication exchange line is too long")
+            await self.push(R.AUTH_LINE_TOO_LONG)
             return MISSING
         except asyncio.IncompleteReadError:
             raise ConnectionResetError("client closed the connection during AUTH") from None
         blob = line.strip()
         if blob == b"*":
-            await self.push("501 5.7.0 Authentication aborted")
+            await self.push(R.AUTH_ABORTED)
             return MISSING
         decoded = _b64(blob.decode("latin-1"))
         if decoded is None:
-            await self.push("501 5.5.2 Cannot decode base64")
+            await self.push(R.BAD_BASE64)
             return MISSING
         return decoded
 
@@ -636,7 +602,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             return blob
         parts = blob.split(b"\x00")
         if len(parts) != 3:
-            await self.push("501 5.5.2 Cannot split AUTH PLAIN value")
+            await self.push(R.BAD_AUTH_PLAIN)
             return AuthResult(success=False, handled=True)
         return await self._verify(parts[1], parts[2])
 
@@ -659,23 +625,23 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             return answer if isinstance(answer, bytes) else AuthResult(success=False, handled=True)
         decoded = _b64(args[1])
         if decoded is None:
-            await self.push("501 5.5.2 Cannot decode base64")
+            await self.push(R.BAD_BASE64)
             return AuthResult(success=False, handled=True)
         return decoded
 
     async def _auth_precheck(self) -> AuthResult | None:
         if not self.offers_auth():
             if not self.encrypted and self._auth_methods and self.state.settings.users:
-                await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+                await self.push(R.ENCRYPTION_REQUIRED)
             else:
-                await self.push("503 5.5.1 AUTH not available")
+                await self.push(R.AUTH_NOT_AVAILABLE)
             return AuthResult(success=False, handled=True)
         if self.state.auth_limiter.banned(self.peer_ip):
             return await self._refuse_banned()
         return None
 
     async def _refuse_banned(self) -> AuthResult:
-        await self.push("421 4.7.0 Too many failed logins from your address, try later")
+        await self.push(R.BANNED)
         if self.transport is not None:
             self.transport.close()
         return AuthResult(success=False, handled=True)
@@ -713,7 +679,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             await asyncio.sleep(delay)  # tarpit: slows password guessing, not a synchronisation
         if state.auth_limiter.banned(self.peer_ip):
             return await self._refuse_banned()
-        return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+        return AuthResult(success=False, handled=False, message=R.AUTH_INVALID)
 
     async def _check_password(self, login: str, password: str) -> bool:
         state = self.state
@@ -736,10 +702,10 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         if await self.check_helo_needed():
             return
         if not self.env().rcpt_tos or self.txn.route is None or self.txn.principal is None:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(R.NEED_RCPT)
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(R.DATA_SYNTAX)
             return
         route = self.txn.route
         principal = self.txn.principal
@@ -747,7 +713,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         try:
             body = self.state.intake.new_body()
         except SpoolError:
-            await self.push(SPOOL_FULL)
+            await self.push(R.SPOOL_FULL)
             return
         policy = self.state.policy
         receiver = DataReceiver(
@@ -757,7 +723,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             keepalive=lambda: self._reset_timeout(limits.data_timeout),
         )
         self._reset_timeout(limits.data_timeout)
-        await self.push("354 3.0.0 End data with <CR><LF>.<CR><LF>")
+        await self.push(R.START_DATA)
         # From here on exactly one reply for this DATA, after its end-of-data line (relay.data).
         reply = await take_message(self._reader, receiver, functools.partial(self._accept, route))
         self._reset_timeout()

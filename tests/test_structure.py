@@ -117,3 +117,27 @@ def private_imports() -> list[str]:
 
 def test_no_private_name_is_imported_across_modules() -> None:
     assert private_imports() == []
+
+
+def reply_constants() -> dict[str, str]:
+    import relay.replies
+
+    return {name: value for name, value in vars(relay.replies).items()
+            if name.isupper() and not name.startswith("_") and isinstance(value, str)}
+
+
+def test_reply_constants_carry_enhanced_codes_and_pass_the_sanitiser_unchanged() -> None:
+    import relay.replies
+
+    constants = reply_constants()
+    assert len(constants) > 20
+    for name, text in constants.items():
+        assert relay.replies.normalise_reply(text) == text, name
+
+
+@pytest.mark.parametrize("name", sorted(n for n, text in reply_constants().items() if text[0] in "45"))
+def test_each_refusal_text_exists_once(name: str) -> None:
+    text = reply_constants()[name]
+    elsewhere = [str(p.relative_to(RELAY.parent)) for p in sorted(RELAY.rglob("*.py"))
+                 if p.name != "replies.py" and "testing" not in p.parts and text in p.read_text(encoding="utf-8")]
+    assert elsewhere == [], f"{text!r} is written out again in {elsewhere}: import relay.replies.{name}"
