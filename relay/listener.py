@@ -18,7 +18,6 @@ import binascii
 import contextlib
 import dataclasses
 import functools
-import inspect
 import ipaddress
 import logging
 import secrets
@@ -29,10 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session
 
 from relay import replies as R
 from relay.addresses import parse_path
+from relay.aiosmtpd_compat import CheapIntrospection, CompatSMTP, fixed_signature
 from relay.config import AuthMode, ListenSettings, Settings, TlsMode, is_loopback_host
 from relay.data import BodySink, DataReceiver, LineTooLong, read_line, take_message
 from relay.envelope import Envelope as RelayEnvelope
@@ -43,30 +43,6 @@ from relay.policy import Policy, Principal, Refusal
 from relay.text import CONTROL
 
 log = logging.getLogger("relay.listener")
-
-# aiosmtpd warns on every AUTH that Session.login_data is deprecated; we use our own transaction state.
-class _DropLoginDataDeprecation(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "login_data is deprecated" not in record.getMessage()
-
-
-logging.getLogger("mail.log").addFilter(_DropLoginDataDeprecation())
-
-
-def _only_errors(record: logging.LogRecord) -> bool:
-    """aiosmtpd logs every command line and DATA line (AUTH blobs, passwords typed as commands,
-    message bodies) at DEBUG/INFO, and unknown commands verbatim at WARNING. A level alone is not
-    enough (anyone may turn the root logger to DEBUG), so this filter lets nothing but errors through,
-    whatever the level; the relay logs its own, secret-free events instead."""
-    return record.levelno >= logging.ERROR
-
-
-_AIOSMTPD_LOG = logging.getLogger("mail.log")
-_AIOSMTPD_LOG.setLevel(logging.WARNING)
-if _only_errors not in _AIOSMTPD_LOG.filters:
-    _AIOSMTPD_LOG.addFilter(_only_errors)
-
-
 
 class Intake(Protocol):
     """What the listener hands a complete message to (the service: spool + delivery)."""
@@ -255,33 +231,13 @@ class _Transaction:
     user: str | None = None
 
 
-def _hook_names(cls: type) -> list[str]:
-    """The attribute names aiosmtpd looks for by introspection (auth_*, smtp_*, handle_*)."""
-    return [n for n in object.__dir__(cls) if n.startswith(("auth_", "smtp_", "handle_"))] + [
-        n for base in cls.__mro__ for n in vars(base) if n.startswith(("auth_", "smtp_", "handle_"))]
-
-
-class _CheapIntrospection:
-    """aiosmtpd's SMTP.__init__ runs inspect.getmembers() and dir() on the protocol and the handler
-    for every connection, evaluating every attribute (about 8 % of the CPU per new connection).
-    It only keeps names starting with auth_, smtp_ and handle_: list just those, once per class."""
-
-    _dir_cache: dict[type, list[str]] = {}
-
-    def __dir__(self) -> list[str]:
-        cls = type(self)
-        names = _CheapIntrospection._dir_cache.get(cls)
-        if names is None:
-            names = _CheapIntrospection._dir_cache[cls] = sorted(set(_hook_names(cls)))
-        return names
-
-
-class RelayHandler(_CheapIntrospection):
+class RelayHandler(CheapIntrospection):
     """aiosmtpd hooks: who may send (MAIL), to whom (RCPT), EHLO capabilities, errors."""
 
     def __init__(self, state: ListenerState) -> None:
         self.state = state
 
+    @fixed_signature
     async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
@@ -357,13 +313,7 @@ class RelayHandler(_CheapIntrospection):
         return R.INTERNAL_ERROR
 
 
-# aiosmtpd inspects handle_EHLO's signature on every connection (to tell its old 4-argument form
-# from the 5-argument one): a third of the cost of a new connection. PEP 362's __signature__ lets
-# inspect.signature() answer from the function itself; the signature cannot change at run time.
-setattr(RelayHandler.handle_EHLO, "__signature__", inspect.signature(RelayHandler.handle_EHLO))  # noqa: B010
-
-
-class RelaySMTP(_CheapIntrospection, SMTP):
+class RelaySMTP(CompatSMTP):
     """aiosmtpd's SMTP with our AUTH, streaming DATA, limits and replies."""
 
     def __init__(self, handler: RelayHandler, listen: ListenSettings, **kwargs: Any) -> None:
@@ -394,9 +344,8 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         )
         self.command_size_limits = defaultdict(lambda: limits.command_line_length)
         if self.state.settings.accept.auth is AuthMode.NONE:
-            self._auth_methods.clear()
-        self._smtp_methods = {name: self._within_session(name, method)
-                              for name, method in self._smtp_methods.items()}
+            self.offered_mechanisms().clear()
+        self.wrap_commands(self._within_session)
 
     def _within_session(self, name: str, method: Callable[[str], Any]) -> Callable[[str], Any]:
         """Every command but QUIT is refused (421 4.4.2, then close) once the session is older than
@@ -436,14 +385,14 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         else:
             await super().push(status)
 
-    def _timeout_cb(self) -> None:
+    def idle_timeout(self) -> None:
         # aiosmtpd closes silently; RFC 5321 4.2: say why with 421 before closing.
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             transport.write(R.IDLE_TIMEOUT.encode() + b"\r\n")
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
+        super().idle_timeout()
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+    def parse_address(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parser without the typing.Protocol class it defines on every call
         (4 % of the CPU per message); same parser, same results."""
         if not arg:
@@ -478,7 +427,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         user = self.txn.user
         return f"user {user} from {self.peer_ip}" if user else f"{self.peer_ip}"
 
-    async def _handle_client(self) -> None:
+    async def serve_client(self) -> None:
         state = self.state
         limits = state.settings.limits
         ip = self.peer_ip
@@ -504,7 +453,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         self._session_timer = asyncio.get_running_loop().call_later(
             limits.max_session + limits.data_timeout, self._session_expired)
         try:
-            await super()._handle_client()
+            await super().serve_client()
         finally:
             self._uncount()
 
@@ -533,10 +482,10 @@ class RelaySMTP(_CheapIntrospection, SMTP):
 
     @property
     def encrypted(self) -> bool:
-        return self._tls_protocol is not None or self.listen.tls is TlsMode.IMPLICIT
+        return self.tls_started() or self.listen.tls is TlsMode.IMPLICIT
 
     def offers_auth(self) -> bool:
-        if not self._auth_methods or not self.state.settings.users:
+        if not self.offered_mechanisms() or not self.state.settings.users:
             return False
         return self.encrypted or self.state.settings.accept.plaintext_auth == "anywhere" or is_loopback_host(
             self.peer_ip)
@@ -551,12 +500,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         rule = self.state.policy.network_rule(self.peer_ip)
         return Principal.for_network(rule) if rule else None
 
-    def _set_rset_state(self) -> None:
-        super()._set_rset_state()  # type: ignore[no-untyped-call]
-        self.txn = _Transaction(user=getattr(self, "txn", _Transaction()).user)
-
-    def _set_post_data_state(self) -> None:
-        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+    def transaction_reset(self) -> None:
         self.txn = _Transaction(user=getattr(self, "txn", _Transaction()).user)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -578,7 +522,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         raw = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
         try:
-            line = await read_line(self._reader, b"\n")
+            line = await read_line(self.stream_reader(), b"\n")
         except LineTooLong:
             await self.push(R.AUTH_LINE_TOO_LONG)
             return MISSING
@@ -631,7 +575,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
 
     async def _auth_precheck(self) -> AuthResult | None:
         if not self.offers_auth():
-            if not self.encrypted and self._auth_methods and self.state.settings.users:
+            if not self.encrypted and self.offered_mechanisms() and self.state.settings.users:
                 await self.push(R.ENCRYPTION_REQUIRED)
             else:
                 await self.push(R.AUTH_NOT_AVAILABLE)
@@ -720,15 +664,15 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             body, limit=limits.max_message_size, line_limit=limits.line_length,
             header_limit=limits.max_header_size,
             check_headers=lambda headers: policy.header_from(principal, route, headers),
-            keepalive=lambda: self._reset_timeout(limits.data_timeout),
+            keepalive=lambda: self.reset_idle_timer(limits.data_timeout),
         )
-        self._reset_timeout(limits.data_timeout)
+        self.reset_idle_timer(limits.data_timeout)
         await self.push(R.START_DATA)
         # From here on exactly one reply for this DATA, after its end-of-data line (relay.data).
-        reply = await take_message(self._reader, receiver, functools.partial(self._accept, route))
-        self._reset_timeout()
+        reply = await take_message(self.stream_reader(), receiver, functools.partial(self._accept, route))
+        self.reset_idle_timer()
         await self.push(reply)
-        self._set_post_data_state()
+        self.end_transaction()
 
     async def _accept(self, route: Route, receiver: DataReceiver) -> str:
         """A complete message: store it durably (and maybe deliver at once); the client's reply."""
@@ -745,7 +689,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         )
         # Delivery may take up to delivery.sync_wait: that is not the client being idle.
         limits = self.state.settings.limits
-        self._reset_timeout(limits.idle_timeout + self.state.settings.delivery.sync_wait)
+        self.reset_idle_timer(limits.idle_timeout + self.state.settings.delivery.sync_wait)
         return await self.state.intake.accept(envelope, route, receiver.body, message_id=receiver.message_id,
                                               client=self.client_label())
 
