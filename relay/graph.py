@@ -19,7 +19,7 @@ Why the recipient headers are rewritten: Graph has no envelope. It rebuilds the 
 
 Graph's request limit is 4 MB and base64 adds a third: a MIME message over ``apps[].graph_max_mime``
 (3,000,000 bytes by default) is refused permanently with ``552 5.3.4`` naming that limit, or, when the
-mailbox has ``fallback_smtp: true``, goes by SMTP (:class:`relay.upstream.Submitter` does that).
+mailbox has ``fallback_smtp: true``, goes by SMTP (:class:`relay.transport.Dispatcher` does that).
 
 HTTP runs in a worker thread with ``requests`` (no new dependency): the same session settings as the
 token endpoint, ``trust_env=False``, the app's ``token_ca_file`` and proxy (``NO_PROXY`` is evaluated

@@ -38,6 +38,7 @@ from relay.testing.entra import GRAPH_RESOURCE
 from relay.testing.harness import RelayThread, relay_config, wait_until
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_SEND_AS, STANDARD_TENANT, SimulatedM365
 from relay.tokens import TokenProvider, TokenProviders
+from relay.transport import Dispatcher
 from relay.upstream import SessionPool, Submitter
 from tests.fakeclock import FakeClock
 
@@ -213,8 +214,8 @@ async def test_429_is_retried_after_retry_after(graph_m365: SimulatedM365, tmp_p
     providers = TokenProviders(settings.apps)  # real time: the tokens come from the simulator
     tokens = {p.app.name: p for p in providers}
     graph = GraphSender.from_settings(settings, tokens)
-    submitter = Submitter(SessionPool(local_hostname="relay.test", timeout=10, idle_close=60),
-                          {a.name: a for a in settings.apps}, tokens, lambda _: 3, graph=graph)
+    submitter = Dispatcher(Submitter(SessionPool(local_hostname="relay.test", timeout=10, idle_close=60),
+                                     {a.name: a for a in settings.apps}, tokens), lambda _: 3, graph=graph)
     delivery = Delivery(settings, spool, submitter, Metrics(), clock=clock, sleep=clock.sleep)
     route = Route(app="contoso", mailbox=STANDARD_MAILBOX, sender=STANDARD_MAILBOX)
     entry = spool.store(Envelope(STANDARD_MAILBOX, (TO,)), route, message_with_attachment(b"x").as_bytes())
