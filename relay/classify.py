@@ -26,12 +26,17 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import aiosmtplib
 
 from relay.errors import TokenError
 from relay.hints import (
     AUTH_REJECTED_HINT,
+    GRAPH_ACCESS_DENIED_HINT,
+    GRAPH_AUDIENCE_HINT,
+    GRAPH_PERMISSION_HINT,
+    GRAPH_USER_HINT,
     NOT_SUPPORTED_HINT,
     SESSION_REFUSED_HINT,
     TLS_VERIFY_HINT,
@@ -41,16 +46,22 @@ from relay.hints import (
 from relay.text import one_line
 
 __all__ = [
+    "GRAPH_RULES",
+    "RETRY_THROTTLED",
     "RULES",
     "Action",
+    "GraphReply",
+    "GraphRule",
     "Outcome",
     "Rule",
     "Scope",
     "Stage",
     "Verdict",
     "classify_exception",
+    "classify_graph",
     "classify_recipients",
     "classify_reply",
+    "graph_failed",
     "parse_enhanced",
     "timeout_text",
 ]
@@ -411,3 +422,134 @@ def classify_exception(exc: BaseException, stage: Stage) -> Verdict:
     if isinstance(exc, OSError):  # ConnectionError, socket.gaierror, ...
         return Verdict(A.RETRY, "connection", _oserror_text(exc), S.MESSAGE)
     return Verdict(A.RETRY, "internal_error", _clean(f"unexpected {type(exc).__name__}"), S.MESSAGE)
+
+
+# -- Microsoft Graph -------------------------------------------------------------------------------
+
+#: seconds to wait after a 429 that names no Retry-After
+RETRY_THROTTLED = 60.0
+_GRAPH_MAX_TEXT = 400
+
+
+@dataclass(frozen=True)
+class GraphReply:
+    """What Graph answered: HTTP status, the ``error.code``/``error.message`` of its JSON body."""
+
+    status: int
+    code: str = ""
+    message: str = ""
+    retry_after: float | None = None
+    request_id: str = ""
+
+    def text(self) -> str:
+        parts = [f"HTTP {self.status}"]
+        if self.code:
+            parts.append(self.code)
+        text = " ".join(parts)
+        if self.message:
+            text += f": {one_line(self.message, _GRAPH_MAX_TEXT)}"
+        return text
+
+
+@dataclass(frozen=True)
+class GraphRule:
+    """One row of the Graph table: every given criterion must match; alternatives inside one match any.
+
+    ``codes`` are lower-case ``error.code`` values, matched exactly, or as a prefix when they end in
+    ``*``; ``tokens`` are lower-case substrings of ``error.message``. A permanent refusal names the
+    SMTP reply it stands for (``smtp``: code, enhanced code, what happened), as Exchange would have.
+    """
+
+    action: Action
+    reason: str
+    scope: Scope
+    statuses: frozenset[int] | range = frozenset()
+    codes: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()
+    token_has_role: bool | None = None  # None: either
+    retry_after: float | None = None  # when Graph names no Retry-After (or the rule ignores it)
+    honours_retry_after: bool = False
+    evict_token: bool = False
+    hint: str = ""
+    smtp: tuple[int, str, str] | None = None
+
+    def matches(self, reply: GraphReply, code: str, message: str, token_has_role: bool) -> bool:
+        if self.statuses and reply.status not in self.statuses:
+            return False
+        if self.token_has_role is not None and token_has_role is not self.token_has_role:
+            return False
+        if self.codes and not any(code.startswith(c[:-1]) if c.endswith("*") else code == c for c in self.codes):
+            return False
+        return not self.tokens or any(t in message for t in self.tokens)
+
+
+def _graph_failed(reason: str, smtp: tuple[int, str, str], **criteria: Any) -> GraphRule:
+    return GraphRule(A.FAILED, reason, S.MESSAGE, smtp=smtp, **criteria)
+
+
+_TOO_BIG = (552, "5.3.4", "Message too big for Microsoft Graph")
+
+#: The Graph rows of the classifier table (docs/graph.md); the first rule that matches decides.
+GRAPH_RULES: tuple[GraphRule, ...] = (
+    GraphRule(A.DELIVERED, "delivered", S.MESSAGE, statuses=range(200, 300)),
+    GraphRule(A.RETRY, "throttled", S.MAILBOX, statuses=frozenset({429}), retry_after=RETRY_THROTTLED,
+              honours_retry_after=True),
+    GraphRule(A.RETRY, "transient", S.MESSAGE, statuses=range(500, 1000), honours_retry_after=True),
+    # -- too big, however Graph says it
+    _graph_failed("too_big", _TOO_BIG, statuses=frozenset({413})),
+    _graph_failed("too_big", _TOO_BIG,
+                  codes=("errormessagesizeexceeded", "requestentitytoolarge", "errorrequestentitytoolarge")),
+    _graph_failed("too_big", _TOO_BIG, tokens=("maximum request length",)),
+    # -- the token, the permission, the mailbox: configuration, hold
+    GraphRule(A.HOLD, "graph_token_rejected", S.APP, statuses=frozenset({401}), evict_token=True,
+              hint=GRAPH_AUDIENCE_HINT),
+    _graph_failed("sendas_denied", (550, "5.7.60", "Microsoft Graph: no SendAs right for the From address"),
+                  statuses=frozenset({403}), codes=("errorsendasdenied",)),
+    GraphRule(A.HOLD, "graph_permission", S.APP, statuses=frozenset({403}), token_has_role=False,
+              evict_token=True, hint=GRAPH_PERMISSION_HINT),
+    GraphRule(A.HOLD, "graph_access_denied", S.MAILBOX, statuses=frozenset({403}),
+              hint=GRAPH_ACCESS_DENIED_HINT),
+    GraphRule(A.HOLD, "graph_unknown_mailbox", S.MAILBOX, statuses=frozenset({404}), hint=GRAPH_USER_HINT),
+    GraphRule(A.RETRY, "transient", S.MESSAGE, statuses=frozenset({408, 409, 423, 425}),
+              honours_retry_after=True),
+    # -- permanent for this message
+    _graph_failed("bad_recipient", (550, "5.1.3", "Microsoft Graph refused the recipients"),
+                  codes=("errorinvalidrecipients", "errorinvalidrecipientscount")),
+    _graph_failed("rejected", (554, "5.6.0", "Microsoft Graph could not read the message"),
+                  codes=("errormimecontent*",)),
+    _graph_failed("rejected", (554, "5.0.0", "Microsoft Graph refused the message")),
+)
+
+
+def graph_failed(reason: str, code: int, enhanced: str, text: str) -> Verdict:
+    """A permanent refusal of a message by (or for) Graph, worded as the SMTP reply it stands for."""
+    return Verdict(A.FAILED, reason, one_line(f"{code} {enhanced} {text}", _GRAPH_MAX_TEXT), S.MESSAGE,
+                   code=code, enhanced=enhanced)
+
+
+def classify_graph(reply: GraphReply, *, token_has_role: bool = True) -> Verdict:
+    """One Graph answer -> one Verdict, by :data:`GRAPH_RULES`.
+
+    ``token_has_role``: whether the token used carried Mail.Send; decides whether a 403 is about the
+    app (permission, consent: hold the app) or about this mailbox (access policy: hold the mailbox).
+    """
+    code, message = reply.code.lower(), reply.message.lower()
+    for rule in GRAPH_RULES:
+        if rule.matches(reply, code, message, token_has_role):
+            return _graph_verdict(rule, reply)
+    # Unreachable: the last rule matches everything.
+    return graph_failed("rejected", 554, "5.0.0", f"Microsoft Graph refused the message ({reply.text()})")
+
+
+def _graph_verdict(rule: GraphRule, reply: GraphReply) -> Verdict:
+    if rule.action is A.DELIVERED:
+        return Verdict(A.DELIVERED, rule.reason, f"250 2.0.0 Accepted by Microsoft Graph ({reply.status})",
+                       rule.scope, code=250, enhanced="2.0.0")
+    if rule.smtp is not None:
+        code, enhanced, what = rule.smtp
+        return graph_failed(rule.reason, code, enhanced, f"{what} ({reply.text()})")
+    retry_after = rule.retry_after
+    if rule.honours_retry_after and reply.retry_after is not None:
+        retry_after = reply.retry_after
+    return Verdict(rule.action, rule.reason, f"Microsoft Graph: {reply.text()}", rule.scope,
+                   retry_after=retry_after, evict_token=rule.evict_token, hint=rule.hint)

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 __all__ = [
     "AADSTS_HINTS",
     "AUTH_REJECTED_HINT",
+    "GRAPH_ACCESS_DENIED_HINT",
+    "GRAPH_AUDIENCE_HINT",
+    "GRAPH_PERMISSION_HINT",
+    "GRAPH_TLS_HINT",
+    "GRAPH_USER_HINT",
     "NOT_SUPPORTED_HINT",
     "SESSION_REFUSED_HINT",
     "STEPS",
@@ -288,4 +293,34 @@ AUTH_REJECTED_HINT = (
 SESSION_REFUSED_HINT = (
     "Exchange refused the session before any message was sent (greeting, EHLO or STARTTLS): check the"
     " upstream host and port, and whether Exchange blocks the relay's public IP address."
+)
+
+GRAPH_PERMISSION_HINT = (
+    "The Graph token lacks the Mail.Send application permission. In Entra ID > App registrations > API"
+    " permissions: Add a permission > Microsoft Graph > Application permissions > Mail.Send, then"
+    " 'Grant admin consent' (multi-tenant: the adminconsent URL with"
+    " scope=https://graph.microsoft.com/.default). If Mail.Send is granted by RBAC for Applications instead"
+    " (New-ManagementRoleAssignment -Role 'Application Mail.Send' -App <AppId> -CustomResourceScope"
+    " <scope>), the token carries no role by design: check that the scope includes this mailbox with"
+    " Test-ServicePrincipalAuthorization -Identity <SERVICE_PRINCIPAL_ID> -Resource <MAILBOX>."
+)
+GRAPH_ACCESS_DENIED_HINT = (
+    "Graph refused this mailbox although the token carries Mail.Send: an application access policy"
+    " (New-ApplicationAccessPolicy -AccessRight RestrictAccess) or an RBAC for Applications scope leaves"
+    " it out. Test with Test-ApplicationAccessPolicy -Identity <MAILBOX> -AppId <APPLICATION_ID> and add"
+    " the mailbox to the policy's group or scope (changes can take up to an hour)."
+)
+GRAPH_AUDIENCE_HINT = (
+    "Graph rejected the token twice (401): check that apps[].cloud matches the tenant's cloud, and that"
+    " graph_host and graph_scope belong together (https://graph.microsoft.com with"
+    " https://graph.microsoft.com/.default; GCC High graph.microsoft.us; DoD dod-graph.microsoft.us)."
+)
+GRAPH_USER_HINT = (
+    "Graph does not know this mailbox: check the address in mailboxes[] (the primary SMTP address or"
+    " UPN), that it has an Exchange Online mailbox (licence), and that the app's tenant_id is its tenant."
+)
+GRAPH_TLS_HINT = (
+    "The Graph endpoint's certificate failed verification: check apps[].graph_host and, if a"
+    " TLS-inspecting proxy re-signs certificates, set apps[].token_ca_file to its CA (Graph uses the same"
+    " CA bundle and proxy as the token endpoint)."
 )

@@ -19,19 +19,12 @@ from typing import Any
 
 import pytest
 
-from relay.classify import Action, Scope
+from relay.classify import Action, GraphReply, Scope, classify_graph
 from relay.config import settings_from_dict
 from relay.delivery import Delivery
 from relay.envelope import Envelope, Route
 from relay.errors import ConfigError
-from relay.graph import (
-    GraphReply,
-    GraphSender,
-    check_graph_claims,
-    classify_graph,
-    parse_retry_after,
-    prepare_mime,
-)
+from relay.graph import GraphSender, check_graph_claims, parse_retry_after, prepare_mime
 from relay.observability import Metrics
 from relay.spool import Spool, State
 from relay.testing.entra import GRAPH_RESOURCE
