@@ -30,18 +30,17 @@ from typing import Any
 
 import aiosmtplib
 
+from relay import hints as H
 from relay.errors import TokenError
 from relay.hints import (
-    AUTH_REJECTED_HINT,
     GRAPH_ACCESS_DENIED_HINT,
     GRAPH_AUDIENCE_HINT,
     GRAPH_PERMISSION_HINT,
     GRAPH_USER_HINT,
     NOT_SUPPORTED_HINT,
-    SESSION_REFUSED_HINT,
     TLS_VERIFY_HINT,
+    Hint,
     hint_for_aadsts,
-    hint_for_reply,
 )
 from relay.text import one_line
 
@@ -133,8 +132,9 @@ class Outcome:
 class Rule:
     """One row of the table. Every given criterion must match; alternatives inside one match any.
 
-    ``enhanced`` entries match exactly, or as a prefix when they end in ``.`` (``"5.1."``);
-    ``tokens`` are lower-case substrings of the reply text.
+    ``enhanced`` entries match exactly, or as a prefix when they end in ``.`` (``"5.1."``); ``""``
+    matches a reply without one; ``tokens`` are lower-case substrings of the reply text. ``hint``
+    (worded in relay.hints) is what an admin must do when this rule decides.
     """
 
     action: Action
@@ -148,7 +148,7 @@ class Rule:
     not_stages: frozenset[Stage] = frozenset()
     retry_after: float | None = None
     evict_token: bool = False
-    hint: str = ""  # fallback when hints.hint_for_reply has nothing specific
+    hint: Hint | None = None  # what an admin must do (hints.py words it); None: nothing
 
     def matches(self, code: int, enhanced: str, text: str, stage: Stage) -> bool:
         if self.codes and code not in self.codes:
@@ -181,13 +181,14 @@ RULES: tuple[Rule, ...] = (
     # -- token too old (high-volume endpoint): evict, re-auth, retry at once
     Rule(A.RETRY, "token_expiring", S.MESSAGE, enhanced=("5.5.127",), retry_after=0.0, evict_token=True),
     # -- configuration: hold, never bounce
-    Rule(A.HOLD, "auth_disabled", S.MAILBOX, enhanced=("5.7.139",)),
-    Rule(A.HOLD, "auth_disabled", S.MAILBOX, tokens=("smtpclientauthentication is disabled",)),
-    Rule(A.HOLD, "auth_failed", S.MAILBOX, codes=frozenset({535}), enhanced=("5.7.3",)),
-    Rule(A.HOLD, "basic_auth_rejected", S.APP, enhanced=("5.7.30",)),
-    Rule(A.HOLD, "basic_auth_rejected", S.APP, tokens=("basic authentication is not supported",)),
-    Rule(A.HOLD, "not_authenticated", S.APP, enhanced=("5.7.57",)),
-    Rule(A.HOLD, "not_authenticated", S.APP, codes=frozenset({530})),
+    Rule(A.HOLD, "auth_disabled", S.MAILBOX, enhanced=("5.7.139",), hint=H.SMTP_AUTH_DISABLED),
+    Rule(A.HOLD, "auth_disabled", S.MAILBOX, tokens=("smtpclientauthentication is disabled",),
+         hint=H.SMTP_AUTH_DISABLED),
+    Rule(A.HOLD, "auth_failed", S.MAILBOX, codes=frozenset({535}), enhanced=("5.7.3",), hint=H.AUTH_FAILED),
+    Rule(A.HOLD, "basic_auth_rejected", S.APP, enhanced=("5.7.30",), hint=H.BASIC_AUTH),
+    Rule(A.HOLD, "basic_auth_rejected", S.APP, tokens=("basic authentication is not supported",), hint=H.BASIC_AUTH),
+    Rule(A.HOLD, "not_authenticated", S.APP, enhanced=("5.7.57",), hint=H.NOT_AUTHENTICATED),
+    Rule(A.HOLD, "not_authenticated", S.APP, codes=frozenset({530}), hint=H.NOT_AUTHENTICATED),
     # -- throttling: transient, paced per mailbox
     Rule(
         A.RETRY,
@@ -196,6 +197,7 @@ RULES: tuple[Rule, ...] = (
         codes=frozenset({432}),
         enhanced=("4.3.2",),
         retry_after=RETRY_CONNECTIONS,
+        hint=H.CONNECTIONS,
     ),
     Rule(
         A.RETRY,
@@ -213,15 +215,18 @@ RULES: tuple[Rule, ...] = (
         S.MAILBOX,
         tokens=("submissionquotaexceededexception",),
         retry_after=RETRY_QUOTA,
+        hint=H.DAILY_QUOTA,
     ),
     # -- permanent for this message (SendAsDenied before the 5.2.251-255 range: 5.2.252 is both)
-    Rule(A.FAILED, "sendas_denied", S.MESSAGE, enhanced=("5.7.60",)),
-    Rule(A.FAILED, "sendas_denied", S.MESSAGE, tokens=("sendasdenied",)),
-    Rule(A.FAILED, "too_big", S.MESSAGE, tokens=("messagesubmissionexceededexception",)),
-    Rule(A.FAILED, "too_big", S.MESSAGE, enhanced=("5.3.4",)),
-    Rule(A.FAILED, "mailbox_full", S.MESSAGE, enhanced=("5.2.2",), not_stages=_stages(St.RCPT)),
+    Rule(A.FAILED, "sendas_denied", S.MESSAGE, enhanced=("5.7.60",), hint=H.SEND_AS),
+    Rule(A.FAILED, "sendas_denied", S.MESSAGE, tokens=("sendasdenied",), hint=H.SEND_AS),
+    Rule(A.FAILED, "too_big", S.MESSAGE, tokens=("messagesubmissionexceededexception",), hint=H.TOO_BIG),
+    Rule(A.FAILED, "too_big", S.MESSAGE, enhanced=("5.3.4",), hint=H.TOO_BIG),
+    Rule(A.FAILED, "mailbox_full", S.MESSAGE, enhanced=("5.2.2",), not_stages=_stages(St.RCPT),
+         hint=H.MAILBOX_FULL),
     Rule(
-        A.FAILED, "mailbox_full", S.MESSAGE, tokens=("quotaexceededexception",), not_stages=_stages(St.RCPT)
+        A.FAILED, "mailbox_full", S.MESSAGE, tokens=("quotaexceededexception",), not_stages=_stages(St.RCPT),
+        hint=H.MAILBOX_FULL,
     ),
     # -- Exchange punishes repeated permanent errors: stay away from the mailbox for long
     Rule(
@@ -229,8 +234,9 @@ RULES: tuple[Rule, ...] = (
         "sender_throttled",
         S.MAILBOX,
         code_class=5,
-        enhanced=("5.2.251", "5.2.252", "5.2.253", "5.2.254", "5.2.255"),
+        enhanced=("5.2.251", "5.2.253", "5.2.254", "5.2.255"),
         retry_after=RETRY_SENDER_THROTTLED,
+        hint=H.SENDER_THROTTLED,
     ),
     Rule(
         A.RETRY,
@@ -239,15 +245,29 @@ RULES: tuple[Rule, ...] = (
         code_class=5,
         tokens=("sender throttled",),
         retry_after=RETRY_SENDER_THROTTLED,
+        hint=H.SENDER_THROTTLED,
+    ),
+    # 5.2.252 with neither SendAsDenied nor "sender throttled" in the text: throttled, but no telling
+    # what the admin should fix
+    Rule(
+        A.RETRY,
+        "sender_throttled",
+        S.MAILBOX,
+        code_class=5,
+        enhanced=("5.2.252",),
+        retry_after=RETRY_SENDER_THROTTLED,
     ),
     # -- per recipient
     Rule(A.FAILED, "bad_recipient", S.RECIPIENT, code_class=5, enhanced=("5.1.",), stages=_stages(St.RCPT)),
     Rule(A.FAILED, "recipient_refused", S.RECIPIENT, code_class=5, stages=_stages(St.RCPT)),
     Rule(A.RETRY, "transient", S.RECIPIENT, code_class=4, stages=_stages(St.RCPT)),
-    # -- an unknown refusal of AUTH is a configuration problem of that mailbox
-    Rule(A.HOLD, "auth_rejected", S.MAILBOX, code_class=5, stages=_stages(St.AUTH), hint=AUTH_REJECTED_HINT),
+    # -- an unknown refusal of AUTH is a configuration problem of that mailbox (a bare 535 most
+    #    likely the one Exchange words as 535 5.7.3)
+    Rule(A.HOLD, "auth_rejected", S.MAILBOX, codes=frozenset({535}), enhanced=("",), stages=_stages(St.AUTH),
+         hint=H.AUTH_FAILED),
+    Rule(A.HOLD, "auth_rejected", S.MAILBOX, code_class=5, stages=_stages(St.AUTH), hint=H.AUTH_REJECTED),
     # -- a 5xx before MAIL FROM is about the session, not the message
-    Rule(A.HOLD, "session_refused", S.APP, code_class=5, stages=_PRE_MAIL, hint=SESSION_REFUSED_HINT),
+    Rule(A.HOLD, "session_refused", S.APP, code_class=5, stages=_PRE_MAIL, hint=H.SESSION_REFUSED),
     # -- the rest
     Rule(A.RETRY, "transient", S.MESSAGE, code_class=4),
     Rule(A.FAILED, "rejected", S.MESSAGE, code_class=5),
@@ -286,7 +306,7 @@ def classify_reply(code: int, text: str, stage: Stage) -> Verdict:
         return Verdict(A.RETRY, "unexpected_reply", reply, S.MESSAGE, code=code, enhanced=enhanced)
     for rule in RULES:
         if rule.matches(code, enhanced, lowered, stage):
-            hint = "" if rule.action is A.DELIVERED else (hint_for_reply(code, enhanced, body) or rule.hint)
+            hint = rule.hint.render(lowered) if rule.hint is not None and rule.action is not A.DELIVERED else ""
             return Verdict(
                 action=rule.action,
                 reason=rule.reason,
