@@ -21,6 +21,8 @@ import re
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.headerregistry import HeaderRegistry
 
+from relay.text import has_control_characters
+
 _REGISTRY = HeaderRegistry()
 
 #: The longest From/Sender value (unfolded) that policy parses; a longer one is not allowed (policy
@@ -36,14 +38,6 @@ _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 def has_forbidden_characters(text: str) -> bool:
     return _FORBIDDEN.search(text) is not None
 
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def has_control_characters(text: str) -> bool:
-    """A NUL, CR, LF or other control character (bytes that are not UTF-8 are not counted here:
-    legacy applications still write Latin-1 display names)."""
-    return _CONTROL.search(text) is not None
 
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from relay.classify import Action, Scope, Verdict
+from relay.classify import Action, Outcome, Scope, Verdict
 from relay.committer import GroupCommitter
 from relay.config import Settings
 from relay.decision import DeadLetter, Decision, Step, backoff, decide
@@ -28,7 +28,6 @@ from relay.holds import Holds
 from relay.observability import Metrics
 from relay.pacing import MailboxPacing, mailbox_key
 from relay.spool import Entry, Spool, State
-from relay.upstream import Outcome
 
 log = logging.getLogger("relay.delivery")
 

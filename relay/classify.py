@@ -24,31 +24,43 @@ from __future__ import annotations
 import errno
 import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import aiosmtplib
 
+from relay import hints as H
 from relay.errors import TokenError
 from relay.hints import (
-    AUTH_REJECTED_HINT,
+    GRAPH_ACCESS_DENIED_HINT,
+    GRAPH_AUDIENCE_HINT,
+    GRAPH_PERMISSION_HINT,
+    GRAPH_USER_HINT,
     NOT_SUPPORTED_HINT,
-    SESSION_REFUSED_HINT,
     TLS_VERIFY_HINT,
+    Hint,
     hint_for_aadsts,
-    hint_for_reply,
 )
+from relay.text import one_line
 
 __all__ = [
+    "GRAPH_RULES",
+    "RETRY_THROTTLED",
     "RULES",
     "Action",
+    "GraphReply",
+    "GraphRule",
+    "Outcome",
     "Rule",
     "Scope",
     "Stage",
     "Verdict",
     "classify_exception",
+    "classify_graph",
     "classify_recipients",
     "classify_reply",
+    "graph_failed",
     "parse_enhanced",
     "timeout_text",
 ]
@@ -99,12 +111,30 @@ class Verdict:
     enhanced: str = ""
 
 
+@dataclass
+class Outcome:
+    """What one delivery attempt achieved, recipient by recipient.
+
+    ``verdict`` is the verdict for the message as a whole (DELIVERED when every recipient is done or
+    permanently refused); ``delivered`` are recipients Exchange accepted the message for, ``failed``
+    permanently refused recipients, ``deferred`` recipients to try again.
+    """
+
+    verdict: Verdict
+    delivered: tuple[str, ...] = ()
+    failed: dict[str, Verdict] = field(default_factory=dict)
+    deferred: tuple[str, ...] = ()
+    upstream_id: str = ""
+    duration: float = 0.0
+
+
 @dataclass(frozen=True)
 class Rule:
     """One row of the table. Every given criterion must match; alternatives inside one match any.
 
-    ``enhanced`` entries match exactly, or as a prefix when they end in ``.`` (``"5.1."``);
-    ``tokens`` are lower-case substrings of the reply text.
+    ``enhanced`` entries match exactly, or as a prefix when they end in ``.`` (``"5.1."``); ``""``
+    matches a reply without one; ``tokens`` are lower-case substrings of the reply text. ``hint``
+    (worded in relay.hints) is what an admin must do when this rule decides.
     """
 
     action: Action
@@ -118,7 +148,7 @@ class Rule:
     not_stages: frozenset[Stage] = frozenset()
     retry_after: float | None = None
     evict_token: bool = False
-    hint: str = ""  # fallback when hints.hint_for_reply has nothing specific
+    hint: Hint | None = None  # what an admin must do (hints.py words it); None: nothing
 
     def matches(self, code: int, enhanced: str, text: str, stage: Stage) -> bool:
         if self.codes and code not in self.codes:
@@ -151,13 +181,14 @@ RULES: tuple[Rule, ...] = (
     # -- token too old (high-volume endpoint): evict, re-auth, retry at once
     Rule(A.RETRY, "token_expiring", S.MESSAGE, enhanced=("5.5.127",), retry_after=0.0, evict_token=True),
     # -- configuration: hold, never bounce
-    Rule(A.HOLD, "auth_disabled", S.MAILBOX, enhanced=("5.7.139",)),
-    Rule(A.HOLD, "auth_disabled", S.MAILBOX, tokens=("smtpclientauthentication is disabled",)),
-    Rule(A.HOLD, "auth_failed", S.MAILBOX, codes=frozenset({535}), enhanced=("5.7.3",)),
-    Rule(A.HOLD, "basic_auth_rejected", S.APP, enhanced=("5.7.30",)),
-    Rule(A.HOLD, "basic_auth_rejected", S.APP, tokens=("basic authentication is not supported",)),
-    Rule(A.HOLD, "not_authenticated", S.APP, enhanced=("5.7.57",)),
-    Rule(A.HOLD, "not_authenticated", S.APP, codes=frozenset({530})),
+    Rule(A.HOLD, "auth_disabled", S.MAILBOX, enhanced=("5.7.139",), hint=H.SMTP_AUTH_DISABLED),
+    Rule(A.HOLD, "auth_disabled", S.MAILBOX, tokens=("smtpclientauthentication is disabled",),
+         hint=H.SMTP_AUTH_DISABLED),
+    Rule(A.HOLD, "auth_failed", S.MAILBOX, codes=frozenset({535}), enhanced=("5.7.3",), hint=H.AUTH_FAILED),
+    Rule(A.HOLD, "basic_auth_rejected", S.APP, enhanced=("5.7.30",), hint=H.BASIC_AUTH),
+    Rule(A.HOLD, "basic_auth_rejected", S.APP, tokens=("basic authentication is not supported",), hint=H.BASIC_AUTH),
+    Rule(A.HOLD, "not_authenticated", S.APP, enhanced=("5.7.57",), hint=H.NOT_AUTHENTICATED),
+    Rule(A.HOLD, "not_authenticated", S.APP, codes=frozenset({530}), hint=H.NOT_AUTHENTICATED),
     # -- throttling: transient, paced per mailbox
     Rule(
         A.RETRY,
@@ -166,6 +197,7 @@ RULES: tuple[Rule, ...] = (
         codes=frozenset({432}),
         enhanced=("4.3.2",),
         retry_after=RETRY_CONNECTIONS,
+        hint=H.CONNECTIONS,
     ),
     Rule(
         A.RETRY,
@@ -183,15 +215,18 @@ RULES: tuple[Rule, ...] = (
         S.MAILBOX,
         tokens=("submissionquotaexceededexception",),
         retry_after=RETRY_QUOTA,
+        hint=H.DAILY_QUOTA,
     ),
     # -- permanent for this message (SendAsDenied before the 5.2.251-255 range: 5.2.252 is both)
-    Rule(A.FAILED, "sendas_denied", S.MESSAGE, enhanced=("5.7.60",)),
-    Rule(A.FAILED, "sendas_denied", S.MESSAGE, tokens=("sendasdenied",)),
-    Rule(A.FAILED, "too_big", S.MESSAGE, tokens=("messagesubmissionexceededexception",)),
-    Rule(A.FAILED, "too_big", S.MESSAGE, enhanced=("5.3.4",)),
-    Rule(A.FAILED, "mailbox_full", S.MESSAGE, enhanced=("5.2.2",), not_stages=_stages(St.RCPT)),
+    Rule(A.FAILED, "sendas_denied", S.MESSAGE, enhanced=("5.7.60",), hint=H.SEND_AS),
+    Rule(A.FAILED, "sendas_denied", S.MESSAGE, tokens=("sendasdenied",), hint=H.SEND_AS),
+    Rule(A.FAILED, "too_big", S.MESSAGE, tokens=("messagesubmissionexceededexception",), hint=H.TOO_BIG),
+    Rule(A.FAILED, "too_big", S.MESSAGE, enhanced=("5.3.4",), hint=H.TOO_BIG),
+    Rule(A.FAILED, "mailbox_full", S.MESSAGE, enhanced=("5.2.2",), not_stages=_stages(St.RCPT),
+         hint=H.MAILBOX_FULL),
     Rule(
-        A.FAILED, "mailbox_full", S.MESSAGE, tokens=("quotaexceededexception",), not_stages=_stages(St.RCPT)
+        A.FAILED, "mailbox_full", S.MESSAGE, tokens=("quotaexceededexception",), not_stages=_stages(St.RCPT),
+        hint=H.MAILBOX_FULL,
     ),
     # -- Exchange punishes repeated permanent errors: stay away from the mailbox for long
     Rule(
@@ -199,8 +234,9 @@ RULES: tuple[Rule, ...] = (
         "sender_throttled",
         S.MAILBOX,
         code_class=5,
-        enhanced=("5.2.251", "5.2.252", "5.2.253", "5.2.254", "5.2.255"),
+        enhanced=("5.2.251", "5.2.253", "5.2.254", "5.2.255"),
         retry_after=RETRY_SENDER_THROTTLED,
+        hint=H.SENDER_THROTTLED,
     ),
     Rule(
         A.RETRY,
@@ -209,22 +245,35 @@ RULES: tuple[Rule, ...] = (
         code_class=5,
         tokens=("sender throttled",),
         retry_after=RETRY_SENDER_THROTTLED,
+        hint=H.SENDER_THROTTLED,
+    ),
+    # 5.2.252 with neither SendAsDenied nor "sender throttled" in the text: throttled, but no telling
+    # what the admin should fix
+    Rule(
+        A.RETRY,
+        "sender_throttled",
+        S.MAILBOX,
+        code_class=5,
+        enhanced=("5.2.252",),
+        retry_after=RETRY_SENDER_THROTTLED,
     ),
     # -- per recipient
     Rule(A.FAILED, "bad_recipient", S.RECIPIENT, code_class=5, enhanced=("5.1.",), stages=_stages(St.RCPT)),
     Rule(A.FAILED, "recipient_refused", S.RECIPIENT, code_class=5, stages=_stages(St.RCPT)),
     Rule(A.RETRY, "transient", S.RECIPIENT, code_class=4, stages=_stages(St.RCPT)),
-    # -- an unknown refusal of AUTH is a configuration problem of that mailbox
-    Rule(A.HOLD, "auth_rejected", S.MAILBOX, code_class=5, stages=_stages(St.AUTH), hint=AUTH_REJECTED_HINT),
+    # -- an unknown refusal of AUTH is a configuration problem of that mailbox (a bare 535 most
+    #    likely the one Exchange words as 535 5.7.3)
+    Rule(A.HOLD, "auth_rejected", S.MAILBOX, codes=frozenset({535}), enhanced=("",), stages=_stages(St.AUTH),
+         hint=H.AUTH_FAILED),
+    Rule(A.HOLD, "auth_rejected", S.MAILBOX, code_class=5, stages=_stages(St.AUTH), hint=H.AUTH_REJECTED),
     # -- a 5xx before MAIL FROM is about the session, not the message
-    Rule(A.HOLD, "session_refused", S.APP, code_class=5, stages=_PRE_MAIL, hint=SESSION_REFUSED_HINT),
+    Rule(A.HOLD, "session_refused", S.APP, code_class=5, stages=_PRE_MAIL, hint=H.SESSION_REFUSED),
     # -- the rest
     Rule(A.RETRY, "transient", S.MESSAGE, code_class=4),
     Rule(A.FAILED, "rejected", S.MESSAGE, code_class=5),
 )
 
 _ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 def parse_enhanced(text: str) -> str:
@@ -235,9 +284,7 @@ def parse_enhanced(text: str) -> str:
 
 def _clean(text: str) -> str:
     """One line, no control characters, bounded length."""
-    text = _CONTROL_RE.sub(" ", text).strip()
-    text = re.sub(r" {2,}", " ", text)
-    return text if len(text) <= MAX_REPLY else text[: MAX_REPLY - 3] + "..."
+    return one_line(text, MAX_REPLY, squeeze=True)
 
 
 def _strip_code(code: int, text: str) -> str:
@@ -259,7 +306,7 @@ def classify_reply(code: int, text: str, stage: Stage) -> Verdict:
         return Verdict(A.RETRY, "unexpected_reply", reply, S.MESSAGE, code=code, enhanced=enhanced)
     for rule in RULES:
         if rule.matches(code, enhanced, lowered, stage):
-            hint = "" if rule.action is A.DELIVERED else (hint_for_reply(code, enhanced, body) or rule.hint)
+            hint = rule.hint.render(lowered) if rule.hint is not None and rule.action is not A.DELIVERED else ""
             return Verdict(
                 action=rule.action,
                 reason=rule.reason,
@@ -395,3 +442,134 @@ def classify_exception(exc: BaseException, stage: Stage) -> Verdict:
     if isinstance(exc, OSError):  # ConnectionError, socket.gaierror, ...
         return Verdict(A.RETRY, "connection", _oserror_text(exc), S.MESSAGE)
     return Verdict(A.RETRY, "internal_error", _clean(f"unexpected {type(exc).__name__}"), S.MESSAGE)
+
+
+# -- Microsoft Graph -------------------------------------------------------------------------------
+
+#: seconds to wait after a 429 that names no Retry-After
+RETRY_THROTTLED = 60.0
+_GRAPH_MAX_TEXT = 400
+
+
+@dataclass(frozen=True)
+class GraphReply:
+    """What Graph answered: HTTP status, the ``error.code``/``error.message`` of its JSON body."""
+
+    status: int
+    code: str = ""
+    message: str = ""
+    retry_after: float | None = None
+    request_id: str = ""
+
+    def text(self) -> str:
+        parts = [f"HTTP {self.status}"]
+        if self.code:
+            parts.append(self.code)
+        text = " ".join(parts)
+        if self.message:
+            text += f": {one_line(self.message, _GRAPH_MAX_TEXT)}"
+        return text
+
+
+@dataclass(frozen=True)
+class GraphRule:
+    """One row of the Graph table: every given criterion must match; alternatives inside one match any.
+
+    ``codes`` are lower-case ``error.code`` values, matched exactly, or as a prefix when they end in
+    ``*``; ``tokens`` are lower-case substrings of ``error.message``. A permanent refusal names the
+    SMTP reply it stands for (``smtp``: code, enhanced code, what happened), as Exchange would have.
+    """
+
+    action: Action
+    reason: str
+    scope: Scope
+    statuses: frozenset[int] | range = frozenset()
+    codes: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()
+    token_has_role: bool | None = None  # None: either
+    retry_after: float | None = None  # when Graph names no Retry-After (or the rule ignores it)
+    honours_retry_after: bool = False
+    evict_token: bool = False
+    hint: str = ""
+    smtp: tuple[int, str, str] | None = None
+
+    def matches(self, reply: GraphReply, code: str, message: str, token_has_role: bool) -> bool:
+        if self.statuses and reply.status not in self.statuses:
+            return False
+        if self.token_has_role is not None and token_has_role is not self.token_has_role:
+            return False
+        if self.codes and not any(code.startswith(c[:-1]) if c.endswith("*") else code == c for c in self.codes):
+            return False
+        return not self.tokens or any(t in message for t in self.tokens)
+
+
+def _graph_failed(reason: str, smtp: tuple[int, str, str], **criteria: Any) -> GraphRule:
+    return GraphRule(A.FAILED, reason, S.MESSAGE, smtp=smtp, **criteria)
+
+
+_TOO_BIG = (552, "5.3.4", "Message too big for Microsoft Graph")
+
+#: The Graph rows of the classifier table (docs/graph.md); the first rule that matches decides.
+GRAPH_RULES: tuple[GraphRule, ...] = (
+    GraphRule(A.DELIVERED, "delivered", S.MESSAGE, statuses=range(200, 300)),
+    GraphRule(A.RETRY, "throttled", S.MAILBOX, statuses=frozenset({429}), retry_after=RETRY_THROTTLED,
+              honours_retry_after=True),
+    GraphRule(A.RETRY, "transient", S.MESSAGE, statuses=range(500, 1000), honours_retry_after=True),
+    # -- too big, however Graph says it
+    _graph_failed("too_big", _TOO_BIG, statuses=frozenset({413})),
+    _graph_failed("too_big", _TOO_BIG,
+                  codes=("errormessagesizeexceeded", "requestentitytoolarge", "errorrequestentitytoolarge")),
+    _graph_failed("too_big", _TOO_BIG, tokens=("maximum request length",)),
+    # -- the token, the permission, the mailbox: configuration, hold
+    GraphRule(A.HOLD, "graph_token_rejected", S.APP, statuses=frozenset({401}), evict_token=True,
+              hint=GRAPH_AUDIENCE_HINT),
+    _graph_failed("sendas_denied", (550, "5.7.60", "Microsoft Graph: no SendAs right for the From address"),
+                  statuses=frozenset({403}), codes=("errorsendasdenied",)),
+    GraphRule(A.HOLD, "graph_permission", S.APP, statuses=frozenset({403}), token_has_role=False,
+              evict_token=True, hint=GRAPH_PERMISSION_HINT),
+    GraphRule(A.HOLD, "graph_access_denied", S.MAILBOX, statuses=frozenset({403}),
+              hint=GRAPH_ACCESS_DENIED_HINT),
+    GraphRule(A.HOLD, "graph_unknown_mailbox", S.MAILBOX, statuses=frozenset({404}), hint=GRAPH_USER_HINT),
+    GraphRule(A.RETRY, "transient", S.MESSAGE, statuses=frozenset({408, 409, 423, 425}),
+              honours_retry_after=True),
+    # -- permanent for this message
+    _graph_failed("bad_recipient", (550, "5.1.3", "Microsoft Graph refused the recipients"),
+                  codes=("errorinvalidrecipients", "errorinvalidrecipientscount")),
+    _graph_failed("rejected", (554, "5.6.0", "Microsoft Graph could not read the message"),
+                  codes=("errormimecontent*",)),
+    _graph_failed("rejected", (554, "5.0.0", "Microsoft Graph refused the message")),
+)
+
+
+def graph_failed(reason: str, code: int, enhanced: str, text: str) -> Verdict:
+    """A permanent refusal of a message by (or for) Graph, worded as the SMTP reply it stands for."""
+    return Verdict(A.FAILED, reason, one_line(f"{code} {enhanced} {text}", _GRAPH_MAX_TEXT), S.MESSAGE,
+                   code=code, enhanced=enhanced)
+
+
+def classify_graph(reply: GraphReply, *, token_has_role: bool = True) -> Verdict:
+    """One Graph answer -> one Verdict, by :data:`GRAPH_RULES`.
+
+    ``token_has_role``: whether the token used carried Mail.Send; decides whether a 403 is about the
+    app (permission, consent: hold the app) or about this mailbox (access policy: hold the mailbox).
+    """
+    code, message = reply.code.lower(), reply.message.lower()
+    for rule in GRAPH_RULES:
+        if rule.matches(reply, code, message, token_has_role):
+            return _graph_verdict(rule, reply)
+    # Unreachable: the last rule matches everything.
+    return graph_failed("rejected", 554, "5.0.0", f"Microsoft Graph refused the message ({reply.text()})")
+
+
+def _graph_verdict(rule: GraphRule, reply: GraphReply) -> Verdict:
+    if rule.action is A.DELIVERED:
+        return Verdict(A.DELIVERED, rule.reason, f"250 2.0.0 Accepted by Microsoft Graph ({reply.status})",
+                       rule.scope, code=250, enhanced="2.0.0")
+    if rule.smtp is not None:
+        code, enhanced, what = rule.smtp
+        return graph_failed(rule.reason, code, enhanced, f"{what} ({reply.text()})")
+    retry_after = rule.retry_after
+    if rule.honours_retry_after and reply.retry_after is not None:
+        retry_after = reply.retry_after
+    return Verdict(rule.action, rule.reason, f"Microsoft Graph: {reply.text()}", rule.scope,
+                   retry_after=retry_after, evict_token=rule.evict_token, hint=rule.hint)

@@ -629,7 +629,8 @@ OPEN_RELAY_MIN_PREFIX = {4: 16, 6: 48}
 
 
 def is_loopback_host(host: str) -> bool:
-    """Does a listen address only accept connections from this machine?"""
+    """Is ``host`` this machine: a listen address that only accepts local connections, or a client's
+    address (IPv4 127/8, ::1, and IPv4-mapped IPv6 of those)? The listener asks the same question."""
     if host.lower() in ("localhost", "localhost.localdomain"):
         return True
     try:

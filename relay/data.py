@@ -32,6 +32,14 @@ from typing import Protocol
 
 from relay.errors import SpoolError, SpoolFull
 from relay.policy import HeaderDecision, Refusal
+from relay.replies import (
+    INTERNAL_ERROR,
+    SPOOL_ERROR,
+    SPOOL_FULL,
+    header_too_big,
+    line_too_long,
+    message_too_big,
+)
 from relay.rewrite import (
     HeaderRewriter,
     drop_fields,
@@ -40,17 +48,13 @@ from relay.rewrite import (
     is_simple_address_field,
     split_header_fields,
 )
+from relay.text import CONTROL
 
 log = logging.getLogger("relay.data")
 
-#: What a client sees when something unexpected happens: transient, no internals.
-INTERNAL_ERROR = "451 4.3.0 Local error in processing, try again later"
-SPOOL_FULL = "452 4.3.1 Insufficient system storage, try again later"
-SPOOL_ERROR = "451 4.3.0 Local error storing the message, try again later"
 
 _CHUNK = 64 * 1024
 _BARE_EOL = re.compile(rb"\r\n|\n|\r")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Give other connections a turn after this many lines or blocks read from an already full buffer
 #: (``readuntil`` does not yield while the data is there).
 _YIELD_EVERY = 256
@@ -133,7 +137,7 @@ def message_id_of(block: bytes) -> str:
     """The Message-ID for logs: first field's value, control characters removed, bounded."""
     for raw in split_header_fields(block):
         if field_name(raw) == "message-id":
-            return _CONTROL.sub("", field_value(raw)[:1024]).strip()[:256]
+            return CONTROL.sub("", field_value(raw)[:1024]).strip()[:256]
     return ""
 
 
@@ -163,7 +167,7 @@ class DataReceiver:
         self._headers = bytearray()
         self._buffer = bytearray()
         self._error: str | None = None
-        self._too_long = f"500 5.5.2 Line too long (at most {line_limit} bytes)"
+        self._too_long = line_too_long(line_limit)
         self._last_keepalive = time.monotonic()
 
     @property
@@ -240,7 +244,7 @@ class DataReceiver:
         await self._finish()
 
     def _too_big(self) -> str:
-        return f"552 5.3.4 Message size exceeds fixed maximum message size ({self.limit} bytes)"
+        return message_too_big(self.limit)
 
     async def _receive_blocks(self, reader: asyncio.StreamReader) -> None:
         """The rest of DATA, from a line start to the line ``.CRLF``, in blocks.
@@ -312,7 +316,7 @@ class DataReceiver:
                     self._buffer += rest
                 return True
         if len(self._headers) > self.header_limit:
-            self._fail(f"552 5.3.4 Message header too large (at most {self.header_limit} bytes)")
+            self._fail(header_too_big(self.header_limit))
         return False
 
     async def _end_headers(self) -> None:

@@ -21,10 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from relay.classify import Action, Scope, Verdict
+from relay.classify import Action, Outcome, Scope, Verdict
 from relay.config import Settings
 from relay.spool import Entry
-from relay.upstream import Outcome
 
 
 class Step(StrEnum):

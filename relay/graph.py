@@ -19,11 +19,12 @@ Why the recipient headers are rewritten: Graph has no envelope. It rebuilds the 
 
 Graph's request limit is 4 MB and base64 adds a third: a MIME message over ``apps[].graph_max_mime``
 (3,000,000 bytes by default) is refused permanently with ``552 5.3.4`` naming that limit, or, when the
-mailbox has ``fallback_smtp: true``, goes by SMTP (:class:`relay.upstream.Submitter` does that).
+mailbox has ``fallback_smtp: true``, goes by SMTP (:class:`relay.transport.Dispatcher` does that).
 
 HTTP runs in a worker thread with ``requests`` (no new dependency): the same session settings as the
 token endpoint, ``trust_env=False``, the app's ``token_ca_file`` and proxy (``NO_PROXY`` is evaluated
-against the Graph host). The answer becomes one :class:`relay.classify.Verdict` by :func:`classify_graph`.
+against the Graph host). The answer becomes one :class:`relay.classify.Verdict` by the classifier's
+Graph rows (:func:`relay.classify.classify_graph`).
 """
 
 from __future__ import annotations
@@ -46,51 +47,28 @@ from urllib.parse import quote
 import requests
 
 from relay.blocking import call_with_deadline
-from relay.classify import Action, Scope, Stage, Verdict, classify_exception
+from relay.classify import (
+    Action,
+    GraphReply,
+    Outcome,
+    Scope,
+    Stage,
+    Verdict,
+    classify_exception,
+    classify_graph,
+    graph_failed,
+)
 from relay.config import AppSettings, MailboxSettings, Settings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
-from relay.tokens import Token, TokenProvider, _proxy_from_environment, host_of
-from relay.upstream import Outcome
+from relay.hints import GRAPH_AUDIENCE_HINT, GRAPH_PERMISSION_HINT, GRAPH_TLS_HINT
+from relay.tokens import Token, TokenProvider, host_of, proxy_from_environment
 
 log = logging.getLogger("relay.graph")
 
 MAIL_SEND = "Mail.Send"
-#: Seconds to wait after a 429 / 503 that names no Retry-After.
-RETRY_THROTTLED = 60.0
 #: The longest Retry-After honoured; Graph asks for seconds to minutes.
 RETRY_AFTER_MAX = 3600.0
-
-GRAPH_PERMISSION_HINT = (
-    "The Graph token lacks the Mail.Send application permission. In Entra ID > App registrations > API"
-    " permissions: Add a permission > Microsoft Graph > Application permissions > Mail.Send, then"
-    " 'Grant admin consent' (multi-tenant: the adminconsent URL with"
-    " scope=https://graph.microsoft.com/.default). If Mail.Send is granted by RBAC for Applications instead"
-    " (New-ManagementRoleAssignment -Role 'Application Mail.Send' -App <AppId> -CustomResourceScope"
-    " <scope>), the token carries no role by design: check that the scope includes this mailbox with"
-    " Test-ServicePrincipalAuthorization -Identity <SERVICE_PRINCIPAL_ID> -Resource <MAILBOX>."
-)
-GRAPH_ACCESS_DENIED_HINT = (
-    "Graph refused this mailbox although the token carries Mail.Send: an application access policy"
-    " (New-ApplicationAccessPolicy -AccessRight RestrictAccess) or an RBAC for Applications scope leaves"
-    " it out. Test with Test-ApplicationAccessPolicy -Identity <MAILBOX> -AppId <APPLICATION_ID> and add"
-    " the mailbox to the policy's group or scope (changes can take up to an hour)."
-)
-GRAPH_AUDIENCE_HINT = (
-    "Graph rejected the token twice (401): check that apps[].cloud matches the tenant's cloud, and that"
-    " graph_host and graph_scope belong together (https://graph.microsoft.com with"
-    " https://graph.microsoft.com/.default; GCC High graph.microsoft.us; DoD dod-graph.microsoft.us)."
-)
-GRAPH_USER_HINT = (
-    "Graph does not know this mailbox: check the address in mailboxes[] (the primary SMTP address or"
-    " UPN), that it has an Exchange Online mailbox (licence), and that the app's tenant_id is its tenant."
-)
-GRAPH_TLS_HINT = (
-    "The Graph endpoint's certificate failed verification: check apps[].graph_host and, if a"
-    " TLS-inspecting proxy re-signs certificates, set apps[].token_ca_file to its CA (Graph uses the same"
-    " CA bundle and proxy as the token endpoint)."
-)
-
 
 # --------------------------------------------------------------------------------------- claims
 
@@ -129,79 +107,12 @@ def _token_has_mail_send(token: Token) -> bool:
 # --------------------------------------------------------------------------------------- classifier
 
 
-@dataclass(frozen=True)
-class GraphReply:
-    """What Graph answered: HTTP status, the ``error.code``/``error.message`` of its JSON body."""
-
-    status: int
-    code: str = ""
-    message: str = ""
-    retry_after: float | None = None
-    request_id: str = ""
-
-    def text(self) -> str:
-        parts = [f"HTTP {self.status}"]
-        if self.code:
-            parts.append(self.code)
-        text = " ".join(parts)
-        if self.message:
-            text += f": {_clean(self.message)}"
-        return text
-
-
-_TOO_BIG_CODES = {"errormessagesizeexceeded", "requestentitytoolarge", "errorrequestentitytoolarge"}
-_RETRYABLE_4XX = {408, 409, 423, 425}
-
-
-def classify_graph(reply: GraphReply, *, token_has_role: bool = True) -> Verdict:
-    """One Graph answer -> one Verdict (the Graph rows of the classifier table, docs/graph.md).
-
-    ``token_has_role``: whether the token used carried Mail.Send; decides whether a 403 is about the
-    app (permission, consent: hold the app) or about this mailbox (access policy: hold the mailbox).
-    """
-    status, code = reply.status, reply.code.lower()
-    what = f"Microsoft Graph: {reply.text()}"
-    if 200 <= status < 300:
-        return Verdict(Action.DELIVERED, "delivered", f"250 2.0.0 Accepted by Microsoft Graph ({status})",
-                       Scope.MESSAGE, code=250, enhanced="2.0.0")
-    if status == 429:
-        return Verdict(Action.RETRY, "throttled", what, Scope.MAILBOX,
-                       retry_after=reply.retry_after if reply.retry_after is not None else RETRY_THROTTLED)
-    if status >= 500:
-        return Verdict(Action.RETRY, "transient", what, Scope.MESSAGE, retry_after=reply.retry_after)
-    if status == 413 or code in _TOO_BIG_CODES or "maximum request length" in reply.message.lower():
-        return _failed("too_big", 552, "5.3.4", f"Message too big for Microsoft Graph ({reply.text()})")
-    if status == 401:
-        return Verdict(Action.HOLD, "graph_token_rejected", what, Scope.APP, evict_token=True, hint=GRAPH_AUDIENCE_HINT)
-    if status == 403 and code == "errorsendasdenied":
-        return _failed("sendas_denied", 550, "5.7.60",
-                       f"Microsoft Graph: no SendAs right for the From address ({reply.text()})")
-    if status == 403:
-        if not token_has_role:
-            return Verdict(Action.HOLD, "graph_permission", what, Scope.APP, evict_token=True,
-                           hint=GRAPH_PERMISSION_HINT)
-        return Verdict(Action.HOLD, "graph_access_denied", what, Scope.MAILBOX, hint=GRAPH_ACCESS_DENIED_HINT)
-    if status == 404:
-        return Verdict(Action.HOLD, "graph_unknown_mailbox", what, Scope.MAILBOX, hint=GRAPH_USER_HINT)
-    if status in _RETRYABLE_4XX:
-        return Verdict(Action.RETRY, "transient", what, Scope.MESSAGE, retry_after=reply.retry_after)
-    if code in ("errorinvalidrecipients", "errorinvalidrecipientscount"):
-        return _failed("bad_recipient", 550, "5.1.3", f"Microsoft Graph refused the recipients ({reply.text()})")
-    if code.startswith("errormimecontent"):
-        return _failed("rejected", 554, "5.6.0", f"Microsoft Graph could not read the message ({reply.text()})")
-    return _failed("rejected", 554, "5.0.0", f"Microsoft Graph refused the message ({reply.text()})")
-
-
-def _failed(reason: str, code: int, enhanced: str, text: str) -> Verdict:
-    return Verdict(Action.FAILED, reason, _clean(f"{code} {enhanced} {text}"), Scope.MESSAGE, code=code,
-                   enhanced=enhanced)
-
-
 def too_big_verdict(size: int, limit: int) -> Verdict:
     """The permanent refusal of a message Graph cannot take in one request."""
-    return _failed("too_big", 552, "5.3.4",
-                   f"Message size exceeds Microsoft Graph's sendMail limit: {size} bytes of MIME, at most {limit} "
-                   "(a 4 MB request, base64-encoded); send it smaller or enable fallback_smtp for this mailbox")
+    return graph_failed("too_big", 552, "5.3.4",
+                        f"Message size exceeds Microsoft Graph's sendMail limit: {size} bytes of MIME, at most"
+                        f" {limit} (a 4 MB request, base64-encoded); send it smaller or enable fallback_smtp for"
+                        " this mailbox")
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -383,7 +294,7 @@ class GraphSender:
             session = requests.Session()
             session.trust_env = False
             session.verify = str(app.token_ca_file) if app.token_ca_file else True
-            proxy = app.proxy or _proxy_from_environment(app.effective_graph_host, self._environ)
+            proxy = app.proxy or proxy_from_environment(app.effective_graph_host, self._environ)
             if proxy:
                 session.proxies = {"https": proxy, "http": proxy}
             self._sessions[app.name] = session
@@ -527,7 +438,3 @@ def _reply_from(response: requests.Response, now: float) -> GraphReply:
         request_id=response.headers.get("request-id", ""),
     )
 
-
-def _clean(text: str) -> str:
-    text = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
-    return text if len(text) <= 400 else text[:397] + "..."

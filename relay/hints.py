@@ -14,16 +14,31 @@ from dataclasses import dataclass
 
 __all__ = [
     "AADSTS_HINTS",
-    "AUTH_REJECTED_HINT",
+    "AUTH_FAILED",
+    "AUTH_REJECTED",
+    "BASIC_AUTH",
+    "CONNECTIONS",
+    "DAILY_QUOTA",
+    "GRAPH_ACCESS_DENIED_HINT",
+    "GRAPH_AUDIENCE_HINT",
+    "GRAPH_PERMISSION_HINT",
+    "GRAPH_TLS_HINT",
+    "GRAPH_USER_HINT",
+    "MAILBOX_FULL",
+    "NOT_AUTHENTICATED",
     "NOT_SUPPORTED_HINT",
-    "SESSION_REFUSED_HINT",
+    "SENDER_THROTTLED",
+    "SEND_AS",
+    "SESSION_REFUSED",
+    "SMTP_AUTH_DISABLED",
     "STEPS",
     "TLS_VERIFY_HINT",
+    "TOO_BIG",
     "AadstsHint",
+    "Hint",
     "Step",
     "fill_placeholders",
     "hint_for_aadsts",
-    "hint_for_reply",
     "parse_aadsts",
     "step_ref",
 ]
@@ -195,76 +210,74 @@ def hint_for_aadsts(code: int | None, description: str) -> str:
     return f"AADSTS{code} {known.meaning}: {known.hint}{where}."
 
 
-def hint_for_reply(code: int | None, enhanced: str, text: str) -> str:
-    """The admin hint for an Exchange reply, '' when the reply needs no admin."""
-    t = (text or "").lower()
-    e = enhanced or ""
-    if e == "5.7.3" or (code == 535 and not e):
-        return (
-            "Exchange refused the token (535 5.7.3). One of four causes: the service principal is not"
-            " registered in Exchange, or registered with the wrong Object ID (use the Enterprise"
-            " application's Object ID, not the App registration's); the service principal has no"
-            " FullAccess on the mailbox named in user=; or the token lacks the SMTP.SendAsApp role"
-            " (permission or admin consent missing). Fix: "
-            + step_ref(2, 3, 5)
-            + ": New-ServicePrincipal -AppId <APPLICATION_ID> -ObjectId <ENTERPRISE_APP_OBJECT_ID>;"
-            " Add-MailboxPermission -Identity <MAILBOX> -User <SERVICE_PRINCIPAL_ID>"
-            " -AccessRights FullAccess."
-        )
-    if e == "5.7.139" or "smtpclientauthentication is disabled" in t:
-        extra = ""
-        if "security defaults" in t:
-            extra = (
-                " The tenant's security defaults block SMTP AUTH: turn them off or use a policy exception."
-            )
-        elif "conditional access" in t:
-            extra = " A conditional access policy blocks SMTP AUTH for this sign-in."
-        return (
-            "SMTP AUTH is disabled for the tenant or the mailbox (" + step_ref(6) + "): "
-            "Set-CASMailbox <MAILBOX> -SmtpClientAuthenticationDisabled $false." + extra
-        )
-    if e == "5.7.30" or "basic authentication is not supported" in t:
-        return (
-            "Exchange saw Basic authentication: the relay must authenticate upstream with XOAUTH2 only;"
-            " check that the app's upstream settings do not configure a username/password."
-        )
-    if e == "5.7.57" or code == 530:
-        return (
-            "Exchange says the relay is not authenticated: upstream sessions must STARTTLS and AUTH"
-            " XOAUTH2 before MAIL FROM; check the upstream host/port (smtp.office365.com:587)."
-        )
-    if "sender throttled" in t or (e in {"5.2.251", "5.2.253", "5.2.254", "5.2.255"}):
-        return (
-            "Exchange throttles the sender after repeated permanent errors: fix the cause of the earlier"
-            " failures (SendAs rights, bad recipients, size); the relay waits before trying again."
-        )
-    if e == "5.7.60" or "sendasdenied" in t:
-        return (
-            "The service principal may not send as this From address ("
-            + step_ref(5)
-            + "): Add-RecipientPermission -Identity <FROM_ADDRESS> -Trustee <SERVICE_PRINCIPAL_ID>"
-            " -AccessRights SendAs, or let policy rewrite the From to the mailbox."
-        )
-    if "submissionquotaexceeded" in t:
-        return (
-            "The mailbox used its 10,000 recipients per rolling 24 hours: mail waits and is retried;"
-            " spread traffic over more mailboxes if this recurs."
-        )
-    if "messagesubmissionexceeded" in t or e == "5.3.4" or code == 552:
-        return (
-            "The message is larger than the mailbox's MaxSendSize: the sender must send less, or an admin"
-            " raises it (Set-Mailbox <MAILBOX> -MaxSendSize 35MB)."
-        )
-    if e == "5.2.2" or "quotaexceededexception" in t or "mailbox full" in t:
-        return (
-            "The sending mailbox is full (usually its Sent Items): an admin must empty it or raise its"
-            " quota (Set-Mailbox <MAILBOX> -ProhibitSendQuota ...), or stop saving sent copies."
-        )
-    if e == "4.3.2" and code == 432:
-        return (
-            "Too many concurrent connections for the mailbox: lower delivery.per_mailbox.connections (max 3)."
-        )
-    return ""
+@dataclass(frozen=True)
+class Hint:
+    """What an admin must do about one kind of Exchange reply; the classifier's rules carry it
+    (:data:`relay.classify.RULES`). ``extras``: (lower-case token, sentence) pairs; the sentence of the
+    first token found in the reply text is appended."""
+
+    text: str
+    extras: tuple[tuple[str, str], ...] = ()
+
+    def render(self, reply_text: str) -> str:
+        """The hint for a reply whose text (lower case) is ``reply_text``."""
+        extra = next((sentence for token, sentence in self.extras if token in reply_text), "")
+        return self.text + extra
+
+
+AUTH_FAILED = Hint(
+    "Exchange refused the token (535 5.7.3). One of four causes: the service principal is not"
+    " registered in Exchange, or registered with the wrong Object ID (use the Enterprise"
+    " application's Object ID, not the App registration's); the service principal has no"
+    " FullAccess on the mailbox named in user=; or the token lacks the SMTP.SendAsApp role"
+    " (permission or admin consent missing). Fix: "
+    + step_ref(2, 3, 5)
+    + ": New-ServicePrincipal -AppId <APPLICATION_ID> -ObjectId <ENTERPRISE_APP_OBJECT_ID>;"
+    " Add-MailboxPermission -Identity <MAILBOX> -User <SERVICE_PRINCIPAL_ID>"
+    " -AccessRights FullAccess."
+)
+SMTP_AUTH_DISABLED = Hint(
+    "SMTP AUTH is disabled for the tenant or the mailbox (" + step_ref(6) + "): "
+    "Set-CASMailbox <MAILBOX> -SmtpClientAuthenticationDisabled $false.",
+    extras=(
+        ("security defaults",
+         " The tenant's security defaults block SMTP AUTH: turn them off or use a policy exception."),
+        ("conditional access", " A conditional access policy blocks SMTP AUTH for this sign-in."),
+    ),
+)
+BASIC_AUTH = Hint(
+    "Exchange saw Basic authentication: the relay must authenticate upstream with XOAUTH2 only;"
+    " check that the app's upstream settings do not configure a username/password."
+)
+NOT_AUTHENTICATED = Hint(
+    "Exchange says the relay is not authenticated: upstream sessions must STARTTLS and AUTH"
+    " XOAUTH2 before MAIL FROM; check the upstream host/port (smtp.office365.com:587)."
+)
+SENDER_THROTTLED = Hint(
+    "Exchange throttles the sender after repeated permanent errors: fix the cause of the earlier"
+    " failures (SendAs rights, bad recipients, size); the relay waits before trying again."
+)
+SEND_AS = Hint(
+    "The service principal may not send as this From address ("
+    + step_ref(5)
+    + "): Add-RecipientPermission -Identity <FROM_ADDRESS> -Trustee <SERVICE_PRINCIPAL_ID>"
+    " -AccessRights SendAs, or let policy rewrite the From to the mailbox."
+)
+DAILY_QUOTA = Hint(
+    "The mailbox used its 10,000 recipients per rolling 24 hours: mail waits and is retried;"
+    " spread traffic over more mailboxes if this recurs."
+)
+TOO_BIG = Hint(
+    "The message is larger than the mailbox's MaxSendSize: the sender must send less, or an admin"
+    " raises it (Set-Mailbox <MAILBOX> -MaxSendSize 35MB)."
+)
+MAILBOX_FULL = Hint(
+    "The sending mailbox is full (usually its Sent Items): an admin must empty it or raise its"
+    " quota (Set-Mailbox <MAILBOX> -ProhibitSendQuota ...), or stop saving sent copies."
+)
+CONNECTIONS = Hint(
+    "Too many concurrent connections for the mailbox: lower delivery.per_mailbox.connections (max 3)."
+)
 
 
 TLS_VERIFY_HINT = (
@@ -279,13 +292,43 @@ NOT_SUPPORTED_HINT = (
     " (smtp.office365.com:587 with STARTTLS for the global cloud)."
 )
 
-AUTH_REJECTED_HINT = (
+AUTH_REJECTED = Hint(
     "Exchange refused the relay's authentication: run `oauth-smtp-relay check` and verify "
     + step_ref(2, 3, 5, 6)
     + "."
 )
 
-SESSION_REFUSED_HINT = (
+SESSION_REFUSED = Hint(
     "Exchange refused the session before any message was sent (greeting, EHLO or STARTTLS): check the"
     " upstream host and port, and whether Exchange blocks the relay's public IP address."
+)
+
+GRAPH_PERMISSION_HINT = (
+    "The Graph token lacks the Mail.Send application permission. In Entra ID > App registrations > API"
+    " permissions: Add a permission > Microsoft Graph > Application permissions > Mail.Send, then"
+    " 'Grant admin consent' (multi-tenant: the adminconsent URL with"
+    " scope=https://graph.microsoft.com/.default). If Mail.Send is granted by RBAC for Applications instead"
+    " (New-ManagementRoleAssignment -Role 'Application Mail.Send' -App <AppId> -CustomResourceScope"
+    " <scope>), the token carries no role by design: check that the scope includes this mailbox with"
+    " Test-ServicePrincipalAuthorization -Identity <SERVICE_PRINCIPAL_ID> -Resource <MAILBOX>."
+)
+GRAPH_ACCESS_DENIED_HINT = (
+    "Graph refused this mailbox although the token carries Mail.Send: an application access policy"
+    " (New-ApplicationAccessPolicy -AccessRight RestrictAccess) or an RBAC for Applications scope leaves"
+    " it out. Test with Test-ApplicationAccessPolicy -Identity <MAILBOX> -AppId <APPLICATION_ID> and add"
+    " the mailbox to the policy's group or scope (changes can take up to an hour)."
+)
+GRAPH_AUDIENCE_HINT = (
+    "Graph rejected the token twice (401): check that apps[].cloud matches the tenant's cloud, and that"
+    " graph_host and graph_scope belong together (https://graph.microsoft.com with"
+    " https://graph.microsoft.com/.default; GCC High graph.microsoft.us; DoD dod-graph.microsoft.us)."
+)
+GRAPH_USER_HINT = (
+    "Graph does not know this mailbox: check the address in mailboxes[] (the primary SMTP address or"
+    " UPN), that it has an Exchange Online mailbox (licence), and that the app's tenant_id is its tenant."
+)
+GRAPH_TLS_HINT = (
+    "The Graph endpoint's certificate failed verification: check apps[].graph_host and, if a"
+    " TLS-inspecting proxy re-signs certificates, set apps[].token_ca_file to its CA (Graph uses the same"
+    " CA bundle and proxy as the token endpoint)."
 )

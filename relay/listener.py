@@ -18,10 +18,8 @@ import binascii
 import contextlib
 import dataclasses
 import functools
-import inspect
 import ipaddress
 import logging
-import re
 import secrets
 import ssl
 import time
@@ -30,42 +28,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session
 
+from relay import replies as R
 from relay.addresses import parse_path
-from relay.config import AuthMode, ListenSettings, Settings, TlsMode
-from relay.data import INTERNAL_ERROR, SPOOL_FULL, BodySink, DataReceiver, LineTooLong, read_line, take_message
+from relay.aiosmtpd_compat import CheapIntrospection, CompatSMTP, fixed_signature
+from relay.config import AuthMode, ListenSettings, Settings, TlsMode, is_loopback_host
+from relay.data import BodySink, DataReceiver, LineTooLong, read_line, take_message
 from relay.envelope import Envelope as RelayEnvelope
 from relay.envelope import Route
 from relay.errors import SpoolError
 from relay.passwords import VerifiedCache, hash_password, verify_password
 from relay.policy import Policy, Principal, Refusal
+from relay.text import CONTROL
 
 log = logging.getLogger("relay.listener")
-
-# aiosmtpd warns on every AUTH that Session.login_data is deprecated; we use our own transaction state.
-class _DropLoginDataDeprecation(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "login_data is deprecated" not in record.getMessage()
-
-
-logging.getLogger("mail.log").addFilter(_DropLoginDataDeprecation())
-
-
-def _only_errors(record: logging.LogRecord) -> bool:
-    """aiosmtpd logs every command line and DATA line (AUTH blobs, passwords typed as commands,
-    message bodies) at DEBUG/INFO, and unknown commands verbatim at WARNING. A level alone is not
-    enough (anyone may turn the root logger to DEBUG), so this filter lets nothing but errors through,
-    whatever the level; the relay logs its own, secret-free events instead."""
-    return record.levelno >= logging.ERROR
-
-
-_AIOSMTPD_LOG = logging.getLogger("mail.log")
-_AIOSMTPD_LOG.setLevel(logging.WARNING)
-if _only_errors not in _AIOSMTPD_LOG.filters:
-    _AIOSMTPD_LOG.addFilter(_only_errors)
-
-
 
 class Intake(Protocol):
     """What the listener hands a complete message to (the service: spool + delivery)."""
@@ -76,16 +53,6 @@ class Intake(Protocol):
                      client: str) -> str:
         """Store durably, maybe deliver at once; return the SMTP reply for the client."""
         ...
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
 
 
 #: The key every loopback client shares: one local process could otherwise pick any of the 16 million
@@ -101,7 +68,7 @@ def _ban_key(address: str) -> str:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
-    if is_loopback(address):
+    if is_loopback_host(address):
         return LOOPBACK_KEY
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
@@ -112,7 +79,7 @@ def _ban_key(address: str) -> str:
 
 def slot_key(address: str) -> str:
     """What ``limits.max_connections_per_address`` counts: an address, with all of loopback as one."""
-    return LOOPBACK_KEY if is_loopback(address) else address
+    return LOOPBACK_KEY if is_loopback_host(address) else address
 
 
 @dataclass(eq=False)
@@ -264,67 +231,13 @@ class _Transaction:
     user: str | None = None
 
 
-#: Enhanced status codes (RFC 3463) for replies aiosmtpd writes without one, by reply code.
-_ENHANCED_BY_CODE = {
-    "421": "4.3.0", "450": "4.2.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
-    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
-    "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4", "553": "5.1.3",
-    "554": "5.7.0", "555": "5.5.4",
-}
-#: 2xx replies of aiosmtpd worth an enhanced code (EHLO lines and the greeting take none).
-_ENHANCED_2XX = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye"}
-_HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SESSION_TOO_LONG = "421 4.4.2 Session time limit reached, closing connection"
-_MAX_REPLY = 512
-
-
-def normalise_reply(status: str) -> str:
-    """Every 4xx/5xx single-line reply gets an enhanced status code; no control characters (a client
-    cannot make us echo a CR or LF into a reply); a bounded length; aiosmtpd's "Error: " prefix goes."""
-    status = _CONTROL.sub("?", status)[:_MAX_REPLY]
-    if status in _ENHANCED_2XX:
-        return _ENHANCED_2XX[status]
-    code, sep, text = status[:3], status[3:4], status[4:]
-    if sep != " " or code not in _ENHANCED_BY_CODE or _HAS_ENHANCED.match(status):
-        return status
-    text = text.removeprefix("Error: ")
-    text = text[:1].upper() + text[1:]
-    return f"{code} {_ENHANCED_BY_CODE[code]} {text}".rstrip()
-
-
-def _hook_names(cls: type) -> list[str]:
-    """The attribute names aiosmtpd looks for by introspection (auth_*, smtp_*, handle_*)."""
-    return [n for n in object.__dir__(cls) if n.startswith(("auth_", "smtp_", "handle_"))] + [
-        n for base in cls.__mro__ for n in vars(base) if n.startswith(("auth_", "smtp_", "handle_"))]
-
-
-class _CheapIntrospection:
-    """aiosmtpd's SMTP.__init__ runs inspect.getmembers() and dir() on the protocol and the handler
-    for every connection, evaluating every attribute (about 8 % of the CPU per new connection).
-    It only keeps names starting with auth_, smtp_ and handle_: list just those, once per class."""
-
-    _dir_cache: dict[type, list[str]] = {}
-
-    def __dir__(self) -> list[str]:
-        cls = type(self)
-        names = _CheapIntrospection._dir_cache.get(cls)
-        if names is None:
-            names = _CheapIntrospection._dir_cache[cls] = sorted(set(_hook_names(cls)))
-        return names
-
-
-#: RFC 6531 3.7.4.1: a non-ASCII address in a transaction whose MAIL did not say SMTPUTF8. Refused at
-#: once: accepted, it could never be delivered (Exchange refuses it the same way, on every retry).
-_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM"
-
-
-class RelayHandler(_CheapIntrospection):
+class RelayHandler(CheapIntrospection):
     """aiosmtpd hooks: who may send (MAIL), to whom (RCPT), EHLO capabilities, errors."""
 
     def __init__(self, state: ListenerState) -> None:
         self.state = state
 
+    @fixed_signature
     async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
@@ -334,13 +247,13 @@ class RelayHandler(_CheapIntrospection):
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         if not address.isascii() and "SMTPUTF8" not in mail_options:
-            return _NEEDS_SMTPUTF8
+            return R.NEEDS_SMTPUTF8
         txn = server.txn
         principal = server.principal()
         if principal is None:
             if server.offers_auth():
-                return "530 5.7.0 Authentication required"
-            return f"550 5.7.1 Relaying denied: {server.peer_ip} may not send through this relay"
+                return R.AUTH_REQUIRED
+            return R.relaying_denied(server.peer_ip)
         # aiosmtpd hands the null sender (bounces) over as "<>"; it stays that way in its envelope
         # (RCPT needs a non-empty mail_from) and becomes "" in ours.
         route = self.state.policy.route(principal, "" if address == "<>" else address)
@@ -355,7 +268,7 @@ class RelayHandler(_CheapIntrospection):
         txn.route = route
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 Sender OK"
+        return R.SENDER_OK
 
     def _too_big_for_graph(self, route: Route, mail_options: list[str]) -> str | None:
         """552 at MAIL for a declared SIZE that a Graph-only mailbox could never send (RFC 1870: say
@@ -373,41 +286,34 @@ class RelayHandler(_CheapIntrospection):
             return None
         if int(declared) <= limit:
             return None
-        return (f"552 5.3.4 Message size exceeds the Microsoft Graph limit of mailbox {mbx.address}"
-                f" ({limit} bytes)")
+        return R.too_big_for_graph(mbx.address, limit)
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.state.settings.limits.max_recipients:
-            return f"452 4.5.3 Too many recipients (at most {self.state.settings.limits.max_recipients})"
+            return R.too_many_recipients(self.state.settings.limits.max_recipients)
         if not address.isascii() and not envelope.smtp_utf8:
-            return _NEEDS_SMTPUTF8
+            return R.NEEDS_SMTPUTF8
         refusal = self.state.policy.check_recipient(address)
         if refusal is not None:
             return refusal.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Recipient OK"
+        return R.RECIPIENT_OK
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         server.txn = _Transaction(user=server.txn.user)
-        return "250 2.0.0 OK"
+        return R.RESET_OK
 
     async def handle_exception(self, error: Exception) -> str:
         # Only the class name reaches the log (never str(error): it may quote client data); the
         # client sees a fixed transient reply.
         log.error("unexpected error in an SMTP session: %s", type(error).__name__,
                   extra={"event": "session_error", "error_type": type(error).__name__})
-        return INTERNAL_ERROR
+        return R.INTERNAL_ERROR
 
 
-# aiosmtpd inspects handle_EHLO's signature on every connection (to tell its old 4-argument form
-# from the 5-argument one): a third of the cost of a new connection. PEP 362's __signature__ lets
-# inspect.signature() answer from the function itself; the signature cannot change at run time.
-setattr(RelayHandler.handle_EHLO, "__signature__", inspect.signature(RelayHandler.handle_EHLO))  # noqa: B010
-
-
-class RelaySMTP(_CheapIntrospection, SMTP):
+class RelaySMTP(CompatSMTP):
     """aiosmtpd's SMTP with our AUTH, streaming DATA, limits and replies."""
 
     def __init__(self, handler: RelayHandler, listen: ListenSettings, **kwargs: Any) -> None:
@@ -438,9 +344,8 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         )
         self.command_size_limits = defaultdict(lambda: limits.command_line_length)
         if self.state.settings.accept.auth is AuthMode.NONE:
-            self._auth_methods.clear()
-        self._smtp_methods = {name: self._within_session(name, method)
-                              for name, method in self._smtp_methods.items()}
+            self.offered_mechanisms().clear()
+        self.wrap_commands(self._within_session)
 
     def _within_session(self, name: str, method: Callable[[str], Any]) -> Callable[[str], Any]:
         """Every command but QUIT is refused (421 4.4.2, then close) once the session is older than
@@ -460,7 +365,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         log.info("session closed: longer than limits.max_session", extra={
             "event": "session_limit", "client_ip": self.peer_ip,
             "max_session": self.state.settings.limits.max_session})
-        await self._refuse_connection(_SESSION_TOO_LONG)
+        await self._refuse_connection(R.SESSION_TOO_LONG)
 
     def _session_expired(self) -> None:
         """The hard stop, data_timeout after max_session: whatever the client is doing (silent,
@@ -471,23 +376,23 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             log.info("session closed: longer than limits.max_session", extra={
                 "event": "session_limit", "client_ip": self.peer_ip,
                 "max_session": self.state.settings.limits.max_session})
-            transport.write(_SESSION_TOO_LONG.encode() + b"\r\n")
+            transport.write(R.SESSION_TOO_LONG.encode() + b"\r\n")
             transport.close()
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            await super().push(normalise_reply(status))
+            await super().push(R.normalise_reply(status))
         else:
             await super().push(status)
 
-    def _timeout_cb(self) -> None:
+    def idle_timeout(self) -> None:
         # aiosmtpd closes silently; RFC 5321 4.2: say why with 421 before closing.
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
+            transport.write(R.IDLE_TIMEOUT.encode() + b"\r\n")
+        super().idle_timeout()
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+    def parse_address(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parser without the typing.Protocol class it defines on every call
         (4 % of the CPU per message); same parser, same results."""
         if not arg:
@@ -522,24 +427,24 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         user = self.txn.user
         return f"user {user} from {self.peer_ip}" if user else f"{self.peer_ip}"
 
-    async def _handle_client(self) -> None:
+    async def serve_client(self) -> None:
         state = self.state
         limits = state.settings.limits
         ip = self.peer_ip
         if state.auth_limiter.banned(ip):
-            await self._refuse_connection("421 4.7.0 Too many failed logins from your address, try later")
+            await self._refuse_connection(R.BANNED)
             return
         if state.connections >= limits.max_connections:
             log.warning("connection refused: too many connections",
                         extra={"event": "connection_limit", "client_ip": ip, "limit": limits.max_connections})
-            await self._refuse_connection("421 4.7.0 Too many connections, try again later")
+            await self._refuse_connection(R.TOO_MANY_CONNECTIONS)
             return
         slot = slot_key(ip)
         if state.per_address[slot] >= limits.max_connections_per_address:
             log.warning("connection refused: too many connections from one address",
                         extra={"event": "connection_limit", "client_ip": ip,
                                "limit": limits.max_connections_per_address})
-            await self._refuse_connection("421 4.7.0 Too many connections from your address, try again later")
+            await self._refuse_connection(R.TOO_MANY_FROM_ADDRESS)
             return
         state.connections += 1
         state.per_address[slot] += 1
@@ -548,7 +453,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         self._session_timer = asyncio.get_running_loop().call_later(
             limits.max_session + limits.data_timeout, self._session_expired)
         try:
-            await super()._handle_client()
+            await super().serve_client()
         finally:
             self._uncount()
 
@@ -577,12 +482,12 @@ class RelaySMTP(_CheapIntrospection, SMTP):
 
     @property
     def encrypted(self) -> bool:
-        return self._tls_protocol is not None or self.listen.tls is TlsMode.IMPLICIT
+        return self.tls_started() or self.listen.tls is TlsMode.IMPLICIT
 
     def offers_auth(self) -> bool:
-        if not self._auth_methods or not self.state.settings.users:
+        if not self.offered_mechanisms() or not self.state.settings.users:
             return False
-        return self.encrypted or self.state.settings.accept.plaintext_auth == "anywhere" or is_loopback(
+        return self.encrypted or self.state.settings.accept.plaintext_auth == "anywhere" or is_loopback_host(
             self.peer_ip)
 
     def principal(self) -> Principal | None:
@@ -595,12 +500,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         rule = self.state.policy.network_rule(self.peer_ip)
         return Principal.for_network(rule) if rule else None
 
-    def _set_rset_state(self) -> None:
-        super()._set_rset_state()  # type: ignore[no-untyped-call]
-        self.txn = _Transaction(user=getattr(self, "txn", _Transaction()).user)
-
-    def _set_post_data_state(self) -> None:
-        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+    def transaction_reset(self) -> None:
         self.txn = _Transaction(user=getattr(self, "txn", _Transaction()).user)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -622,19 +522,19 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         raw = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
         try:
-            line = await read_line(self._reader, b"\n")
+            line = await read_line(self.stream_reader(), b"\n")
         except LineTooLong:
-            await self.push("500 5.5.6 Authentication exchange line is too long")
+            await self.push(R.AUTH_LINE_TOO_LONG)
             return MISSING
         except asyncio.IncompleteReadError:
             raise ConnectionResetError("client closed the connection during AUTH") from None
         blob = line.strip()
         if blob == b"*":
-            await self.push("501 5.7.0 Authentication aborted")
+            await self.push(R.AUTH_ABORTED)
             return MISSING
         decoded = _b64(blob.decode("latin-1"))
         if decoded is None:
-            await self.push("501 5.5.2 Cannot decode base64")
+            await self.push(R.BAD_BASE64)
             return MISSING
         return decoded
 
@@ -646,7 +546,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             return blob
         parts = blob.split(b"\x00")
         if len(parts) != 3:
-            await self.push("501 5.5.2 Cannot split AUTH PLAIN value")
+            await self.push(R.BAD_AUTH_PLAIN)
             return AuthResult(success=False, handled=True)
         return await self._verify(parts[1], parts[2])
 
@@ -669,23 +569,23 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             return answer if isinstance(answer, bytes) else AuthResult(success=False, handled=True)
         decoded = _b64(args[1])
         if decoded is None:
-            await self.push("501 5.5.2 Cannot decode base64")
+            await self.push(R.BAD_BASE64)
             return AuthResult(success=False, handled=True)
         return decoded
 
     async def _auth_precheck(self) -> AuthResult | None:
         if not self.offers_auth():
-            if not self.encrypted and self._auth_methods and self.state.settings.users:
-                await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+            if not self.encrypted and self.offered_mechanisms() and self.state.settings.users:
+                await self.push(R.ENCRYPTION_REQUIRED)
             else:
-                await self.push("503 5.5.1 AUTH not available")
+                await self.push(R.AUTH_NOT_AVAILABLE)
             return AuthResult(success=False, handled=True)
         if self.state.auth_limiter.banned(self.peer_ip):
             return await self._refuse_banned()
         return None
 
     async def _refuse_banned(self) -> AuthResult:
-        await self.push("421 4.7.0 Too many failed logins from your address, try later")
+        await self.push(R.BANNED)
         if self.transport is not None:
             self.transport.close()
         return AuthResult(success=False, handled=True)
@@ -700,7 +600,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         attempt = await state.auth_limiter.begin(self.peer_ip)
         if attempt is None:
             log.warning("AUTH refused unchecked: too many failed logins from this client", extra={
-                "event": "auth_refused", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip})
+                "event": "auth_refused", "user": CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip})
             return await self._refuse_banned()
         try:
             ok = await self._check_password(login, password)
@@ -715,7 +615,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             return AuthResult(success=True, auth_data=LoginPassword(login_b, b""))
         failures = state.auth_limiter.fail(attempt)
         log.warning("client authentication failed", extra={
-            "event": "auth_failed", "user": _CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip,
+            "event": "auth_failed", "user": CONTROL.sub("?", login[:64]), "client_ip": self.peer_ip,
             "failures": failures})
         cfg = state.settings.limits.auth_failures
         delay = min(cfg.delay * failures, cfg.max_delay)
@@ -723,7 +623,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
             await asyncio.sleep(delay)  # tarpit: slows password guessing, not a synchronisation
         if state.auth_limiter.banned(self.peer_ip):
             return await self._refuse_banned()
-        return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+        return AuthResult(success=False, handled=False, message=R.AUTH_INVALID)
 
     async def _check_password(self, login: str, password: str) -> bool:
         state = self.state
@@ -746,10 +646,10 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         if await self.check_helo_needed():
             return
         if not self.env().rcpt_tos or self.txn.route is None or self.txn.principal is None:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(R.NEED_RCPT)
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(R.DATA_SYNTAX)
             return
         route = self.txn.route
         principal = self.txn.principal
@@ -757,22 +657,22 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         try:
             body = self.state.intake.new_body()
         except SpoolError:
-            await self.push(SPOOL_FULL)
+            await self.push(R.SPOOL_FULL)
             return
         policy = self.state.policy
         receiver = DataReceiver(
             body, limit=limits.max_message_size, line_limit=limits.line_length,
             header_limit=limits.max_header_size,
             check_headers=lambda headers: policy.header_from(principal, route, headers),
-            keepalive=lambda: self._reset_timeout(limits.data_timeout),
+            keepalive=lambda: self.reset_idle_timer(limits.data_timeout),
         )
-        self._reset_timeout(limits.data_timeout)
-        await self.push("354 3.0.0 End data with <CR><LF>.<CR><LF>")
+        self.reset_idle_timer(limits.data_timeout)
+        await self.push(R.START_DATA)
         # From here on exactly one reply for this DATA, after its end-of-data line (relay.data).
-        reply = await take_message(self._reader, receiver, functools.partial(self._accept, route))
-        self._reset_timeout()
+        reply = await take_message(self.stream_reader(), receiver, functools.partial(self._accept, route))
+        self.reset_idle_timer()
         await self.push(reply)
-        self._set_post_data_state()
+        self.end_transaction()
 
     async def _accept(self, route: Route, receiver: DataReceiver) -> str:
         """A complete message: store it durably (and maybe deliver at once); the client's reply."""
@@ -789,7 +689,7 @@ class RelaySMTP(_CheapIntrospection, SMTP):
         )
         # Delivery may take up to delivery.sync_wait: that is not the client being idle.
         limits = self.state.settings.limits
-        self._reset_timeout(limits.idle_timeout + self.state.settings.delivery.sync_wait)
+        self.reset_idle_timer(limits.idle_timeout + self.state.settings.delivery.sync_wait)
         return await self.state.intake.accept(envelope, route, receiver.body, message_id=receiver.message_id,
                                               client=self.client_label())
 

@@ -12,8 +12,9 @@ import email.utils
 import functools
 import re
 
-from relay.addresses import MAX_ADDRESS_FIELD, address_list, has_control_characters, simple_address
+from relay.addresses import MAX_ADDRESS_FIELD, address_list, simple_address
 from relay.envelope import Route
+from relay.text import has_control_characters
 
 #: A field name, and the colon after it; white space before the colon is RFC 5322's obsolete
 #: syntax (``From :``), which Exchange and mail clients still read as the field it names.

@@ -42,6 +42,7 @@ from relay.observability import HealthServer, Metrics
 from relay.policy import Policy
 from relay.spool import BodyWriter, Entry, Spool, State, StoreRequest
 from relay.tokens import Token, TokenProviders
+from relay.transport import Dispatcher
 from relay.upstream import SessionPool, Submitter, tls_context_for
 
 log = logging.getLogger("relay.service")
@@ -131,8 +132,8 @@ class Relay:
         # Microsoft Graph (sendMail) for mailboxes with ``transport: graph``; SMTP for the others.
         self.graph = (GraphSender.from_settings(settings, providers, environ=self.environ)
                       if any(m.transport == "graph" for m in settings.mailboxes) else None)
-        self.submitter = Submitter(self.pool, {a.name: a for a in settings.apps}, providers,
-                                   self._connections_for, graph=self.graph)
+        self.submitter = Dispatcher(Submitter(self.pool, {a.name: a for a in settings.apps}, providers),
+                                    self._connections_for, graph=self.graph)
         self.committer = GroupCommitter(self.spool)
         self.delivery = Delivery(settings, self.spool, self.submitter, self.metrics, clock=clock,
                                  committer=self.committer,
@@ -255,8 +256,9 @@ class Relay:
 
     async def probe(self, route: Route) -> Verdict:
         """Token + STARTTLS + AUTH for ``route.mailbox``, no message: does the admin's fix work yet?"""
-        if self.graph is not None and self.graph.handles(route.mailbox):
-            return await self.graph.probe(route)
+        graph = self.submitter.graph_for(route.mailbox)
+        if graph is not None:
+            return await graph.probe(route)
         provider = self.tokens[route.app]
         stage = Stage.TOKEN
         try:

@@ -47,6 +47,8 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
+from relay.text import CONTROL_BYTES
+
 __all__ = [
     "Pipelined",
     "StepByStep",
@@ -65,7 +67,6 @@ STREAM_CHUNK = 256 * 1024
 MAX_REPLY = 32 * 1024
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
-_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def flight_mode(smtp: aiosmtplib.SMTP) -> Mode | None:
@@ -188,7 +189,7 @@ async def stream_data(smtp: aiosmtplib.SMTP, source: Path | bytes, command_timeo
 
 def _command(*parts: bytes) -> bytes:
     for part in parts:
-        if _CONTROL.search(part):
+        if CONTROL_BYTES.search(part):
             # The same refusal as aiosmtplib's execute_command(): no CR/LF injection on a command line.
             raise ValueError("Command arg contains a prohibited control character")
     return b" ".join(parts) + b"\r\n"

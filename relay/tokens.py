@@ -101,13 +101,13 @@ def build_http_session(app: AppSettings, environ: Mapping[str, str]) -> requests
     session = TimeoutSession(app.timeout)
     session.trust_env = False
     session.verify = str(app.token_ca_file) if app.token_ca_file else True
-    proxy = app.proxy or _proxy_from_environment(app.effective_authority_host, environ)
+    proxy = app.proxy or proxy_from_environment(app.effective_authority_host, environ)
     if proxy:
         session.proxies = {"https": proxy, "http": proxy}
     return session
 
 
-def _proxy_from_environment(url: str, environ: Mapping[str, str]) -> str | None:
+def proxy_from_environment(url: str, environ: Mapping[str, str]) -> str | None:
     """HTTPS_PROXY / https_proxy honouring NO_PROXY, as curl and requests understand them."""
     proxy = environ.get("HTTPS_PROXY") or environ.get("https_proxy")
     if not proxy:

@@ -20,14 +20,23 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiosmtplib
 
 from relay import smtp_transaction
-from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply, timeout_text
+from relay.classify import (
+    Action,
+    Outcome,
+    Scope,
+    Stage,
+    Verdict,
+    classify_exception,
+    classify_reply,
+    timeout_text,
+)
 from relay.config import AppSettings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
@@ -36,7 +45,6 @@ from relay.tokens import Token, TokenProvider
 
 if TYPE_CHECKING:
     from relay.fleet import Fleet
-    from relay.graph import GraphSender
 
 log = logging.getLogger("relay.upstream")
 
@@ -61,23 +69,6 @@ def _tls_context(cafile: str | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=cafile)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
-
-
-@dataclass
-class Outcome:
-    """What one delivery attempt achieved, recipient by recipient.
-
-    ``verdict`` is the verdict for the message as a whole (DELIVERED when every recipient is done or
-    permanently refused); ``delivered`` are recipients Exchange accepted the message for, ``failed``
-    permanently refused recipients, ``deferred`` recipients to try again.
-    """
-
-    verdict: Verdict
-    delivered: tuple[str, ...] = ()
-    failed: dict[str, Verdict] = field(default_factory=dict)
-    deferred: tuple[str, ...] = ()
-    upstream_id: str = ""
-    duration: float = 0.0
 
 
 @dataclass
@@ -227,56 +218,32 @@ class SessionPool:
 
 
 class Submitter:
-    """Submits one message (already routed) to Exchange and says what happened."""
+    """Submits one message (already routed) to Exchange over SMTP and says what happened.
 
-    def __init__(self, pool: SessionPool, apps: dict[str, AppSettings], tokens: dict[str, TokenProvider],
-                 connections: Callable[[str], int], graph: GraphSender | None = None) -> None:
-        self._pool = pool
+    The SMTP transport only: :class:`relay.transport.Dispatcher` chooses between it and Graph, checks
+    that the route's app is still configured and holds the mailbox's slot around the attempt."""
+
+    def __init__(self, pool: SessionPool, apps: dict[str, AppSettings], tokens: dict[str, TokenProvider]) -> None:
+        self.pool = pool
         self._apps = apps
         self._tokens = tokens
-        self._connections = connections
-        #: Sends the mail of ``transport: graph`` mailboxes (relay.graph); None: every mailbox is SMTP.
-        self.graph = graph
         #: MAIL, RCPT and DATA/BDAT in one flight when the server offers PIPELINING (False: step by step).
         self.pipeline = True
 
-    async def submit(self, route: Route, envelope: Envelope, body: bytes | Path,
-                     recipients: tuple[str, ...] | None = None) -> Outcome:
-        """One attempt for ``recipients`` (default: all of the envelope's).
-
-        ``body`` is the message, or the path of its spool file: then it is streamed from disk in
-        chunks, so memory does not grow with message size times concurrency."""
-        started = time.monotonic()
-        rcpts = recipients if recipients is not None else envelope.rcpt_tos
-        if route.app not in self._apps or route.app not in self._tokens:
-            # Spooled under a configuration that had this app; it has since been removed. Keep the
-            # message (dead letter) with a reason an admin can act on, rather than retrying forever.
-            return Outcome(verdict=Verdict(
-                action=Action.FAILED, reason="route_unconfigured", scope=Scope.MESSAGE, code=451,
-                enhanced="4.3.5",
-                reply=f"451 4.3.5 app {route.app!r} (mailbox {route.mailbox}) is no longer configured",
-                hint="Restore the app and mailbox in the config and run `queue requeue ID`, or `queue delete ID`."))
-        # The same per-mailbox slots bound Graph requests (Graph allows 4 concurrent per app+mailbox).
-        async with self._pool.slots(route.mailbox, self._connections(route.mailbox)):
-            outcome = None
-            if self.graph is not None and self.graph.handles(route.mailbox):
-                # The transport is the mailbox's as configured now, not when the message arrived.
-                outcome = await self.graph.submit(route, envelope, body, rcpts)
-            if outcome is None:  # SMTP, or too big for Graph and the mailbox falls back to SMTP
-                outcome = await self._attempt(route, envelope, body, rcpts)
-        outcome.duration = time.monotonic() - started
-        return outcome
+    def configured(self, app: str) -> bool:
+        """Does the configuration (still) have this app, with a token provider?"""
+        return app in self._apps and app in self._tokens
 
     async def _session(self, route: Route) -> _Session:
         """A pooled session or a new one; one fresh token retry when Exchange rejects the token."""
-        session = self._pool.take_idle(route.mailbox)
+        session = self.pool.take_idle(route.mailbox)
         if session is not None:
             return session
         app = self._apps[route.app]
         provider = self._tokens[route.app]
         token = await provider.get()
         try:
-            return await self._pool.connect(app, route.mailbox, token)
+            return await self.pool.connect(app, route.mailbox, token)
         except aiosmtplib.SMTPAuthenticationError as exc:
             verdict = classify_reply(exc.code, exc.message, Stage.AUTH)
             if verdict.action is Action.RETRY and not verdict.evict_token:
@@ -285,10 +252,14 @@ class Submitter:
             # FullAccess) or be about to expire. Evict it and try exactly once with a new one.
             await provider.evict(token)
             token = await provider.get()
-            return await self._pool.connect(app, route.mailbox, token)
+            return await self.pool.connect(app, route.mailbox, token)
 
-    async def _attempt(self, route: Route, envelope: Envelope, body: bytes | Path,
-                       rcpts: tuple[str, ...]) -> Outcome:
+    async def submit(self, route: Route, envelope: Envelope, body: bytes | Path,
+                     rcpts: tuple[str, ...]) -> Outcome:
+        """One attempt for ``rcpts``.
+
+        ``body`` is the message, or the path of its spool file: then it is streamed from disk in
+        chunks, so memory does not grow with message size times concurrency."""
         stage = Stage.TOKEN
         session: _Session | None = None
         txn: smtp_transaction.Transaction | None = None
@@ -308,13 +279,13 @@ class Submitter:
                     options = [o for o in envelope.mail_options if _supported(session.smtp, o)]
                     # In one flight when Exchange offers PIPELINING (relay.smtp_transaction).
                     txn = smtp_transaction.begin(session.smtp, route.sender, options, rcpts, body, encoding,
-                                                 self._pool.timeout, pipeline=self.pipeline)
+                                                 self.pool.timeout, pipeline=self.pipeline)
                     await txn.start()
                     await txn.mail()
                     break
                 except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
                     # A pooled session that died while idle: no reply came, nothing was delivered.
-                    self._pool.discard(session)
+                    self.pool.discard(session)
                     session = txn = None
                     if reuse_attempt == 1:
                         raise exc from None
@@ -339,9 +310,9 @@ class Submitter:
             if not accepted:
                 if await txn.abandon():
                     await session.smtp.rset()
-                    self._pool.release(session)
+                    self.pool.release(session)
                 else:  # the server waits for a message after a pipelined DATA: only closing cancels it
-                    self._pool.discard(session)
+                    self.pool.discard(session)
                 session = None
                 first = next(iter(failed.values()), None)
                 if deferred or first is None:
@@ -351,7 +322,7 @@ class Submitter:
             stage = Stage.DATA
             response = await txn.data()
             session.messages += 1
-            self._pool.release(session)
+            self.pool.release(session)
             session = None
             verdict = classify_reply(response.code, response.message, Stage.DATA)
             return Outcome(verdict=verdict, delivered=tuple(accepted), failed=failed, deferred=tuple(deferred),
@@ -362,9 +333,9 @@ class Submitter:
                 usable = txn is None or await txn.abandon()
                 if exc.code == 421 or verdict.evict_token or not usable or not session.smtp.is_connected:
                     # The session is finished, or authenticated with a token Exchange no longer likes.
-                    self._pool.discard(session)
+                    self.pool.discard(session)
                 else:
-                    await _reset_or_discard(self._pool, session)
+                    await _reset_or_discard(self.pool, session)
                 session = None
             if verdict.evict_token:
                 await self._tokens[route.app].evict()
@@ -375,14 +346,14 @@ class Submitter:
         except asyncio.CancelledError:
             # Stopping: the half-used session is closed, never returned to the pool.
             if session is not None:
-                self._pool.discard(session)
+                self.pool.discard(session)
             raise
         except FleetWait:
             # No session slot free in the fleet: nothing was sent; the scheduler tries again later.
             raise
         except Exception as exc:  # network errors, and anything unexpected: never lose the message
             if session is not None:
-                self._pool.discard(session)
+                self.pool.discard(session)
             if not isinstance(exc, TimeoutError | aiosmtplib.SMTPException | OSError | ssl.SSLError):
                 log.error("unexpected error talking to Exchange: %s", type(exc).__name__,
                           extra={"event": "upstream_error", "error_type": type(exc).__name__, "stage": str(stage)})
@@ -391,7 +362,7 @@ class Submitter:
                 # Say which deadline passed, and where: "connected to smtp...:587, no SMTP greeting within 30s".
                 app = self._apps[route.app]
                 endpoint = f"{app.effective_smtp_host}:{app.smtp_port}"
-                verdict = dataclasses.replace(verdict, reply=timeout_text(exc, stage, endpoint, self._pool.timeout))
+                verdict = dataclasses.replace(verdict, reply=timeout_text(exc, stage, endpoint, self.pool.timeout))
                 log.warning("no answer from Exchange: %s", verdict.reply, extra={
                     "event": "upstream_timeout", "endpoint": endpoint, "stage": str(stage), "mailbox": route.mailbox})
             return Outcome(verdict=verdict, failed=failed, deferred=unresolved(verdict))

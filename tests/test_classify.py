@@ -22,7 +22,7 @@ from relay.classify import (
     parse_enhanced,
 )
 from relay.errors import TokenError
-from relay.hints import AADSTS_HINTS, STEPS, hint_for_aadsts, hint_for_reply, parse_aadsts
+from relay.hints import AADSTS_HINTS, STEPS, hint_for_aadsts, parse_aadsts
 
 # The bracketed tail varies per server and per reply; every row is tested with two of them.
 TAILS = (
@@ -595,8 +595,21 @@ def test_steps_and_render() -> None:
     assert "&scope=https://outlook.office365.us/.default\n" in us
 
 
-def test_hint_for_reply_direct() -> None:
-    assert "Set-CASMailbox" in hint_for_reply(535, "5.7.139", "Authentication unsuccessful")
-    assert "Add-RecipientPermission" in hint_for_reply(554, "5.2.252", "SendAsDenied")
-    assert "Add-RecipientPermission" in hint_for_reply(550, "5.7.60", "Client does not have permissions")
-    assert hint_for_reply(451, "4.7.0", "Temporary server error") == ""
+def test_hints_travel_with_the_rule_that_decides() -> None:
+    assert "Set-CASMailbox" in classify_reply(535, "5.7.139 Authentication unsuccessful", Stage.AUTH).hint
+    assert "Add-RecipientPermission" in classify_reply(554, "5.2.252 SendAsDenied", Stage.DATA).hint
+    assert "Add-RecipientPermission" in classify_reply(550, "5.7.60 Client does not have permissions", Stage.MAIL).hint
+    assert classify_reply(451, "4.7.0 Temporary server error", Stage.DATA).hint == ""
+    disabled = "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"
+    assert classify_reply(535, f"{disabled}; security defaults", Stage.AUTH).hint.endswith(
+        "The tenant's security defaults block SMTP AUTH: turn them off or use a policy exception.")
+    assert classify_reply(535, f"{disabled}; conditional access policy", Stage.AUTH).hint.endswith(
+        "A conditional access policy blocks SMTP AUTH for this sign-in.")
+    assert classify_reply(535, disabled, Stage.AUTH).hint.endswith("-SmtpClientAuthenticationDisabled $false.")
+
+
+def test_every_rule_that_holds_carries_a_hint() -> None:
+    from relay.classify import RULES
+
+    assert [r.reason for r in RULES if r.action is Action.HOLD and r.hint is None] == []
+    assert [r.reason for r in RULES if r.action is Action.DELIVERED and r.hint is not None] == []

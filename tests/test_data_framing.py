@@ -15,10 +15,11 @@ from collections.abc import Callable
 import pytest
 
 from relay.config import RewriteFrom, settings_from_dict
-from relay.data import INTERNAL_ERROR, SPOOL_FULL, DataReceiver, prepare_headers
+from relay.data import DataReceiver, prepare_headers
 from relay.envelope import Route
 from relay.errors import SpoolFull
 from relay.policy import HeaderDecision, Policy, Principal, Refusal
+from relay.replies import INTERNAL_ERROR, SPOOL_FULL
 from relay.rewrite import from_addresses
 
 NEXT = b"NOOP\r\n"

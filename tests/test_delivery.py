@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
+from relay.classify import Action, Outcome, Scope, Stage, Verdict, classify_exception, classify_reply
 from relay.config import Settings, settings_from_dict
 from relay.decision import backoff
 from relay.delivery import POLL_INTERVAL, Delivery
@@ -26,7 +26,6 @@ from relay.errors import SpoolError, SpoolFull, TokenError
 from relay.observability import Metrics
 from relay.pacing import PACING_WINDOW, Pacer
 from relay.spool import Entry, Spool, State, StoreRequest
-from relay.upstream import Outcome
 from tests.fakeclock import FakeClock
 
 MAILBOX = "relay@contoso.com"

@@ -19,25 +19,19 @@ from typing import Any
 
 import pytest
 
-from relay.classify import Action, Scope
+from relay.classify import Action, GraphReply, Scope, classify_graph
 from relay.config import settings_from_dict
 from relay.delivery import Delivery
 from relay.envelope import Envelope, Route
 from relay.errors import ConfigError
-from relay.graph import (
-    GraphReply,
-    GraphSender,
-    check_graph_claims,
-    classify_graph,
-    parse_retry_after,
-    prepare_mime,
-)
+from relay.graph import GraphSender, check_graph_claims, parse_retry_after, prepare_mime
 from relay.observability import Metrics
 from relay.spool import Spool, State
 from relay.testing.entra import GRAPH_RESOURCE
 from relay.testing.harness import RelayThread, relay_config, wait_until
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_SEND_AS, STANDARD_TENANT, SimulatedM365
 from relay.tokens import TokenProvider, TokenProviders
+from relay.transport import Dispatcher
 from relay.upstream import SessionPool, Submitter
 from tests.conftest import RelayFactory
 from tests.fakeclock import FakeClock
@@ -208,8 +202,8 @@ async def test_429_is_retried_after_retry_after(graph_m365: SimulatedM365, tmp_p
     providers = TokenProviders(settings.apps)  # real time: the tokens come from the simulator
     tokens = {p.app.name: p for p in providers}
     graph = GraphSender.from_settings(settings, tokens)
-    submitter = Submitter(SessionPool(local_hostname="relay.test", timeout=10, idle_close=60),
-                          {a.name: a for a in settings.apps}, tokens, lambda _: 3, graph=graph)
+    submitter = Dispatcher(Submitter(SessionPool(local_hostname="relay.test", timeout=10, idle_close=60),
+                                     {a.name: a for a in settings.apps}, tokens), lambda _: 3, graph=graph)
     delivery = Delivery(settings, spool, submitter, Metrics(), clock=clock, sleep=clock.sleep)
     route = Route(app="contoso", mailbox=STANDARD_MAILBOX, sender=STANDARD_MAILBOX)
     entry = spool.store(Envelope(STANDARD_MAILBOX, (TO,)), route, message_with_attachment(b"x").as_bytes())

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from relay.classify import Action, Scope, Stage, Verdict, classify_reply
+from relay.classify import Action, Outcome, Scope, Stage, Verdict, classify_reply
 from relay.config import Settings, settings_from_dict
 from relay.decision import DeadLetter, Decision, Step, decide
 from relay.envelope import Envelope, Route
 from relay.spool import Entry, State
-from relay.upstream import Outcome
 
 MAILBOX = "relay@contoso.com"
 A, B, C = "a@example.com", "b@example.com", "c@example.com"

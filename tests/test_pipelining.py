@@ -23,13 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import relay.smtp_transaction as smtp_transaction
-from relay.classify import Action, Scope, Stage, classify_reply
+from relay.classify import Action, Outcome, Scope, Stage, classify_reply
 from relay.config import settings_from_dict
 from relay.envelope import Envelope, Route
 from relay.testing.harness import relay_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from relay.tokens import TokenProviders
-from relay.upstream import Outcome, SessionPool, Submitter
+from relay.transport import Dispatcher
+from relay.upstream import SessionPool, Submitter
 
 MODES = ("step", "pipelining", "chunking")
 RCPTS = ("a@fabrikam.example", "b@fabrikam.example", "c@fabrikam.example")
@@ -100,8 +101,9 @@ class Bench:
         self.config = settings_from_dict(relay_config(m365, tmp))
         self.providers = TokenProviders(self.config.apps)
         self.pool = SessionPool(local_hostname="relay.test", timeout=10, idle_close=60)
-        self.submitter = Submitter(self.pool, {a.name: a for a in self.config.apps},
-                                   {p.app.name: p for p in self.providers}, lambda _: 3)
+        self.smtp = Submitter(self.pool, {a.name: a for a in self.config.apps},
+                              {p.app.name: p for p in self.providers})
+        self.submitter = Dispatcher(self.smtp, lambda _: 3)
         self.route = Route(app="contoso", mailbox=STANDARD_MAILBOX, sender=STANDARD_MAILBOX)
 
     async def mode(self, mode: str) -> None:
@@ -109,7 +111,7 @@ class Bench:
         await self.pool.close_idle()
         self.sim.wire.pipelining = mode != "step"
         self.sim.wire.chunking = mode == "chunking"
-        self.submitter.pipeline = mode != "step"
+        self.smtp.pipeline = mode != "step"
 
     async def run(self, mode: str, script: Script, body: bytes | Path = BODY,
                   rcpts: tuple[str, ...] = RCPTS) -> tuple[Outcome, Seen]:

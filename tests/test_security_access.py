@@ -147,7 +147,7 @@ def test_auth_required_refuses_even_allowlisted(relay_factory: RelayFactory, m36
 @pytest.fixture
 def second_host_is_remote(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make 127.0.0.2 count as a host beyond loopback for the listener's plaintext-AUTH rule."""
-    monkeypatch.setattr(relay.listener, "is_loopback", lambda ip: ip == "127.0.0.1")
+    monkeypatch.setattr(relay.listener, "is_loopback_host", lambda ip: ip == "127.0.0.1")
 
 
 @pytest.mark.usefixtures("second_host_is_remote")
