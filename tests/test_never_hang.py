@@ -14,15 +14,13 @@ import smtplib
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from relay.testing.harness import RelayProcess, free_port, relay_config, wait_until, write_config
+from relay.testing.harness import RelayProcess, free_port, http_get, relay_config, wait_until, write_config
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_TENANT, SimulatedM365
 from relay.testing.tarpit import SilentProxy, Tarpit
 
@@ -34,14 +32,6 @@ STOP_GRACE = 2
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def sample(metrics: str, name: str) -> float:

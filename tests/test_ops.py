@@ -18,8 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -36,6 +34,7 @@ from relay.testing.harness import (
     RelayProcess,
     RelayThread,
     free_port,
+    http_get,
     quick_hash,
     relay_config,
     wait_until,
@@ -66,14 +65,6 @@ def send(port: int, msg: EmailMessage, *, user: str | None = DEMO_USER, password
         if user is not None:
             client.login(user, password)
         client.send_message(msg)
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def scrape(url: str) -> dict[str, float]:

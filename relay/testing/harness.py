@@ -19,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -264,3 +266,12 @@ __all__ = [
     "wait_until",
     "write_config",
 ]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET on the relay's health endpoint, errors included (bounded by 10 s)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
