@@ -108,8 +108,11 @@ class AuthLimiter:
     """
 
     def __init__(self, max_failures: int, window: float, ban: float,
-                 clock: Callable[[], float] = time.monotonic, *, max_tracked: int = 10000) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, max_tracked: int = 10000,
+                 on_failure: Callable[[], None] | None = None) -> None:
         self.max_failures = max_failures
+        #: told of every failed login (the relay_client_auth_failures metric)
+        self.on_failure = on_failure
         self.window = window
         self.ban = ban
         self.max_tracked = max_tracked
@@ -181,6 +184,8 @@ class AuthLimiter:
         the window; ``max_failures`` of them ban it (checks still running do not ban, they only
         hold their slot)."""
         attempt.failed = True
+        if self.on_failure is not None:
+            self.on_failure()
         q = self._counted(attempt.key)
         if attempt not in q:  # forgotten meanwhile (window over, or memory bound): count it again
             q.append(AuthAttempt(attempt.key, self._clock(), failed=True))

@@ -152,7 +152,7 @@ class Relay:
             policy=Policy(settings),
             intake=self,
             auth_limiter=AuthLimiter(settings.limits.auth_failures.max, settings.limits.auth_failures.window,
-                                     settings.limits.auth_failures.ban),
+                                     settings.limits.auth_failures.ban, on_failure=self.metrics.auth_failures.inc),
         )
         self.servers: list[asyncio.base_events.Server] = []
         self.health: HealthServer | None = None

@@ -489,3 +489,21 @@ def test_help_still_lists_the_commands(relay: RelayThread) -> None:
         assert set(c.cmd("HELP").split()[3:]) == {b"AUTH", b"EHLO", b"HELO", b"HELP", b"MAIL", b"NOOP", b"QUIT",
                                                  b"RCPT", b"RSET", b"VRFY"}
         assert c.cmd("HELP MAIL").startswith(b"250 Syntax: MAIL FROM: <address>")
+
+
+def test_failed_logins_are_counted_in_the_metrics(relay_factory: RelayFactory) -> None:
+    relay = relay_factory(limits={"auth_failures": {"max": 10, **FAST_TARPIT}})
+
+    def counted() -> float:
+        for line in relay.relay.metrics.render().decode().splitlines():
+            if line.startswith("relay_client_auth_failures_total "):
+                return float(line.split()[1])
+        raise AssertionError("relay_client_auth_failures_total is not exported")
+
+    assert counted() == 0
+    with RawSMTP(relay.port) as c:
+        c.ehlo()
+        for _ in range(3):
+            assert c.cmd(f"AUTH PLAIN {plain_blob(DEMO_USER, 'wrong')}").startswith(b"535 5.7.8")
+        c.login()
+    assert counted() == 3
