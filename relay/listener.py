@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relay import replies as R
 from relay.addresses import parse_path
@@ -508,6 +508,7 @@ class RelaySMTP(CompatSMTP):
     def transaction_reset(self) -> None:
         self.txn = _Transaction(user=getattr(self, "txn", _Transaction()).user)
 
+    @syntax("STARTTLS", when="tls_context")  # what HELP shows (aiosmtpd's own method carries it)
     async def smtp_STARTTLS(self, arg: str) -> None:
         # RFC 3207 4.2: after TLS the client starts over; nothing learnt before it counts (aiosmtpd
         # resets its session and drops bytes sent along with STARTTLS; we drop our login too).
@@ -647,6 +648,7 @@ class RelaySMTP(CompatSMTP):
 
     # ---- DATA ------------------------------------------------------------------------------
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return

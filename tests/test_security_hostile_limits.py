@@ -486,9 +486,10 @@ def test_help_still_lists_the_commands(relay: RelayThread) -> None:
     """The session limit wraps every command; HELP still finds their syntax."""
     with RawSMTP(relay.port) as c:
         c.ehlo()
-        assert set(c.cmd("HELP").split()[3:]) == {b"AUTH", b"EHLO", b"HELO", b"HELP", b"MAIL", b"NOOP", b"QUIT",
-                                                 b"RCPT", b"RSET", b"VRFY"}
+        assert set(c.cmd("HELP").split()[3:]) == {b"AUTH", b"DATA", b"EHLO", b"HELO", b"HELP", b"MAIL", b"NOOP",
+                                                 b"QUIT", b"RCPT", b"RSET", b"VRFY"}
         assert c.cmd("HELP MAIL").startswith(b"250 Syntax: MAIL FROM: <address>")
+        assert c.cmd("HELP DATA").startswith(b"250 Syntax: DATA")
 
 
 def test_failed_logins_are_counted_in_the_metrics(relay_factory: RelayFactory) -> None:
