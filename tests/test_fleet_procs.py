@@ -162,18 +162,19 @@ def assert_exchange_never_refused(sim: SimulatedM365) -> None:
     assert sim.exchange.max_concurrent(STANDARD_MAILBOX) <= 3
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(330)
 def test_burst_through_three_relays_keeps_the_mailbox_limits(start_fleet: Any) -> None:
     """60 messages through three relays, limits 3 sessions and 40 a minute for the mailbox: the
     first 40 go at once, the other 20 wait for the fleet's minute to move on; Exchange never has
-    to refuse anything."""
+    to refuse anything. (On a loaded machine one of the first 40 has been seen to slip into the
+    next minute: the limits still hold, so the wait for the first 40 allows two minutes.)"""
     fleet3 = start_fleet(per_minute=40)
     sim = fleet3.sim
     idents = [f"burst{i}" for i in range(60)]
     replies = burst(fleet3.ports, idents)
     assert all(code == 250 for code, _ in replies.values()), [r for r in replies.values() if r[0] != 250][:3]
     # The fleet's minute is spent: 40 accepted, the rest waits (in the three spools) for it to move on.
-    sim.exchange.wait_for_messages(40, timeout=60)
+    sim.exchange.wait_for_messages(40, timeout=130)
     with fleet3.kv() as kv:
         assert kv.zcard(PREFIX + "rate:" + STANDARD_MAILBOX) <= 40
     sim.exchange.wait_for_messages(60, timeout=120)
