@@ -550,8 +550,7 @@ class Fleet:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=self.settings.deadline * 2)
         if self._aux:
             await asyncio.wait(self._aux, timeout=self.settings.deadline * 2)
         if self.connected:
@@ -563,7 +562,7 @@ class Fleet:
                 pipe.zrem(self.key("instances"), self.instance_id)
                 await self._call("leave", pipe.execute())
         with contextlib.suppress(Exception):
-            await self.redis.aclose()
+            await asyncio.wait_for(self.redis.aclose(), timeout=self.settings.deadline)
 
     async def _loop(self) -> None:
         while True:

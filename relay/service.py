@@ -50,6 +50,8 @@ log = logging.getLogger("relay.service")
 #: A received body up to this size stays in memory for its immediate attempt (no read-back from the
 #: spool file); bigger ones are streamed from the file. Bounded: this times the connection limit.
 KEEP_IN_MEMORY = 64 * 1024
+#: Seconds beyond delivery.stop_grace that a stop may take in all (closing sessions, the fleet, the spool).
+STOP_MARGIN = 15.0
 
 
 def _bind_problem(exc: OSError) -> str:
@@ -455,15 +457,16 @@ class Relay:
         await self.delivery.stop(grace)
         if self._scheduler is not None:
             self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
+            # asyncio.wait, not await: a cancel of stop() itself must not be swallowed with the task's.
+            await asyncio.wait({self._scheduler}, timeout=5)
         for task in (self._watchdog, self._housekeeping):
             if task is not None:
                 task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.pool.close_idle(), timeout=5)
         if self.fleet is not None:
-            await self.fleet.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.fleet.stop(), timeout=5)
         if self.health is not None:
             self.health.stop()
         if self.graph is not None:
@@ -488,7 +491,14 @@ class Relay:
             await stop.wait()
         finally:
             log.info("stopping", extra={"event": "stopping"})
-            await self.stop(grace=self.settings.delivery.stop_grace)
+            grace = self.settings.delivery.stop_grace
+            # Every step of stop() is bounded; this bounds the whole, whatever a library does, so that
+            # systemctl stop and container stops end (the spool keeps what was not finished).
+            try:
+                await asyncio.wait_for(self.stop(grace=grace), timeout=grace + STOP_MARGIN)
+            except TimeoutError:
+                log.error("stop did not finish in time; exiting anyway (unfinished mail stays in the spool)",
+                          extra={"event": "stop_timeout", "seconds": grace + STOP_MARGIN})
 
     async def _safe_reload(self) -> None:
         sd_notify("RELOADING=1")
