@@ -201,7 +201,10 @@ def test_sigkill_of_a_relay_holding_slots_frees_them_within_the_lease_ttl(start_
     slots = PREFIX + "slots:" + STANDARD_MAILBOX
 
     def holders() -> list[str]:
-        return [m.decode().rsplit("/", 1)[0] for m in kv.zrange(slots, 0, -1)]
+        """The relays holding a live lease (expired ones are removed lazily, at the next acquire)."""
+        seconds, micros = kv.time()
+        now_ms = seconds * 1000 + micros // 1000
+        return [m.decode().rsplit("/", 1)[0] for m in kv.zrangebyscore(slots, now_ms, "+inf")]
 
     wait_until(lambda: holders() == ["relay0"] * 3, 10, "relay0 to hold all three slots")
     fleet3.relays[0].signal(signal.SIGKILL)
