@@ -496,7 +496,7 @@ class Bench:
     # ---- the run -----------------------------------------------------------------------------
 
     def run(self) -> Report:
-        from relay.passwords import hash_password
+        from relay.intake.passwords import hash_password
 
         self._hash = hash_password(PASSWORD)  # production cost: the login cache has to earn its keep
         self.report.values["load_start"] = os.getloadavg()[0]

@@ -92,7 +92,7 @@ BUCKETS = {
     "spool work in worker threads (sqlite, files)": ("_worker (concurrent/futures/thread.py",),
     "asyncio.to_thread hand-offs (waking a worker thread, getting the GIL back)": ("ThreadPoolExecutor.submit",),
     "upstream submission (aiosmtplib + TLS)": ("Submitter.submit",),
-    "DATA receive loop (relay.data DataReceiver)": ("DataReceiver.receive",),
+    "DATA receive loop (relay.intake.data DataReceiver)": ("DataReceiver.receive",),
     "per-connection aiosmtpd SMTP() setup (inspect.getmembers, dir())": ("RelaySMTP.__init__",),
     "delivery scheduler bookkeeping (tick, claim, record)": ("Delivery.tick", "Delivery._record"),
     "logging": ("Logger._log",),

@@ -2,14 +2,14 @@
 
 config valid -> token acquired -> token claims (audience, tenant, SMTP.SendAsApp role, expiry) ->
 TCP + STARTTLS to the SMTP host (certificate valid) -> AUTH XOAUTH2 per mailbox -> optional test
-message. Each failure names the admin step to fix (docs/exchange.md, "Admin setup"; see relay.hints)
+message. Each failure names the admin step to fix (docs/exchange.md, "Admin setup"; see relay.delivery.hints)
 with the PowerShell or portal action filled in from the config.
 
 The token is decoded for inspection, never printed; neither is any secret. A step that cannot run
 because an earlier one failed is shown as SKIP, so the first FAIL is the one to fix first.
 
 Each line is printed as soon as its step ends, and no step waits forever: the token steps have
-``apps[].timeout`` (discovery and token request, through relay.tokens), the SMTP steps
+``apps[].timeout`` (discovery and token request, through relay.microsoft.tokens), the SMTP steps
 ``delivery.timeout`` (at most 30 s) for the connection, the greeting, the TLS handshake and each
 command. A failure says what actually happened: "connection refused", "connected, no SMTP greeting
 within 30s", "connected, no TLS handshake within 30s", "no HTTP answer from ... within 30s",
@@ -38,15 +38,15 @@ import aiosmtplib
 import requests
 
 from relay.blocking import call_with_deadline
-from relay.classify import Stage, classify_exception, classify_reply, timeout_text
 from relay.config import AppSettings, Settings, load_settings, load_warnings
+from relay.delivery.classify import Stage, classify_exception, classify_reply, timeout_text
+from relay.delivery.hints import STEPS, TLS_VERIFY_HINT, fill_placeholders, hint_for_aadsts, parse_aadsts
 from relay.errors import ConfigError, TokenError
-from relay.exchange_setup import admin_consent_url
-from relay.graph import check_graph_claims
-from relay.hints import STEPS, TLS_VERIFY_HINT, fill_placeholders, hint_for_aadsts, parse_aadsts
-from relay.spool import running_user, writable_problem
-from relay.tokens import Token, TokenProvider, build_http_session, host_of, http_failure
-from relay.upstream import tls_context_for
+from relay.microsoft.exchange_setup import admin_consent_url
+from relay.microsoft.graph import check_graph_claims
+from relay.microsoft.tokens import Token, TokenProvider, build_http_session, host_of, http_failure
+from relay.microsoft.upstream import tls_context_for
+from relay.queue.spool import running_user, writable_problem
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -218,7 +218,7 @@ def _discovery_error(app: AppSettings) -> TokenError:
 
 
 def _token_admin_step(exc: TokenError) -> int | None:
-    from relay.hints import AADSTS_HINTS
+    from relay.delivery.hints import AADSTS_HINTS
 
     known = AADSTS_HINTS.get(exc.aadsts) if exc.aadsts else None
     if known is not None:

@@ -50,7 +50,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_exchange_setup(args: argparse.Namespace) -> int:
-    from relay.exchange_setup import run_exchange_setup
+    from relay.microsoft.exchange_setup import run_exchange_setup
 
     return run_exchange_setup(args)
 
@@ -62,7 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from relay.passwords import hash_password
+    from relay.intake.passwords import hash_password
 
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -91,7 +91,7 @@ def cmd_example_config(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from relay.queue_cli import run_queue
+    from relay.queue.cli import run_queue
 
     return run_queue(args)
 

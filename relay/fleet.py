@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.fleet")
 
-#: The pacing window, as in relay.pacing.PACING_WINDOW (Exchange's minute plus a second of margin).
+#: The pacing window, as in relay.delivery.pacing.PACING_WINDOW (Exchange's minute plus a second of margin).
 RATE_WINDOW_MS = 61_000
 DAY_MS = 86_400_000
 #: A hold written to Redis lives this long unless a probe refreshes or lifts it (a relay that found

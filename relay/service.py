@@ -22,28 +22,28 @@ from typing import Any
 
 import aiosmtplib
 
-from relay.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
-from relay.committer import GroupCommitter
 from relay.config import Settings, load_settings, load_warnings, open_relay_problem, parse_host_port
-from relay.data import BodySink
-from relay.delivery import Delivery
-from relay.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
+from relay.delivery.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
+from relay.delivery.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
+from relay.delivery.scheduler import Delivery
 from relay.envelope import Envelope, Route
 from relay.errors import ConfigError, ListenError, SpoolError, SpoolFull, TokenError
 from relay.fleet import Fleet
-from relay.graph import GraphSender
-from relay.listener import (
+from relay.intake.data import BodySink
+from relay.intake.listener import (
     AuthLimiter,
     ListenerState,
     make_server_tls_context,
     start_listener,
 )
+from relay.intake.policy import Policy
+from relay.microsoft.graph import GraphSender
+from relay.microsoft.tokens import Token, TokenProviders
+from relay.microsoft.transport import Dispatcher
+from relay.microsoft.upstream import SessionPool, Submitter, tls_context_for
 from relay.observability import HealthServer, Metrics
-from relay.policy import Policy
-from relay.spool import BodyWriter, Entry, Spool, State, StoreRequest
-from relay.tokens import Token, TokenProviders
-from relay.transport import Dispatcher
-from relay.upstream import SessionPool, Submitter, tls_context_for
+from relay.queue.committer import GroupCommitter
+from relay.queue.spool import BodyWriter, Entry, Spool, State, StoreRequest
 
 log = logging.getLogger("relay.service")
 

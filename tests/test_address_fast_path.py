@@ -1,8 +1,8 @@
 """The simple-shape fast path for From/Sender agrees with the full two-parser judgement.
 
-:func:`relay.rewrite.simple_address` judges the common From shapes without the standard library's
+:func:`relay.intake.rewrite.simple_address` judges the common From shapes without the standard library's
 parsers (which are super-linear on hostile input). It is only sound if, for every value it accepts,
-the full judgement (:func:`relay.rewrite.parse_addresses`) gives the same single address.
+the full judgement (:func:`relay.intake.rewrite.parse_addresses`) gives the same single address.
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.addresses import _SIMPLE_PATH, _SIMPLE_VALUE, MAX_ADDRESS_FIELD, parse_addresses, parse_path, simple_address
-from relay.rewrite import from_addresses
+from relay.intake.addresses import (
+    _SIMPLE_PATH,
+    _SIMPLE_VALUE,
+    MAX_ADDRESS_FIELD,
+    parse_addresses,
+    parse_path,
+    simple_address,
+)
+from relay.intake.rewrite import from_addresses
 
 
 @settings(max_examples=150, deadline=None)

@@ -1,4 +1,4 @@
-"""relay.aiosmtpd_compat: the only module that touches aiosmtpd's private names.
+"""relay.intake.aiosmtpd_compat: the only module that touches aiosmtpd's private names.
 
 These tests fail loudly when aiosmtpd is a release the module was not written for, when a private
 name it relies on is gone or takes other parameters, and when a hook no longer reaches the relay
@@ -17,14 +17,14 @@ import aiosmtpd
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from relay.aiosmtpd_compat import INSTANCE_ATTRIBUTES, PRIVATE_METHODS, WRITTEN_FOR, CompatSMTP
+from relay.intake.aiosmtpd_compat import INSTANCE_ATTRIBUTES, PRIVATE_METHODS, WRITTEN_FOR, CompatSMTP
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 def test_installed_aiosmtpd_is_a_release_the_compat_module_was_written_for() -> None:
     assert aiosmtpd.__version__ in WRITTEN_FOR, (
-        f"aiosmtpd {aiosmtpd.__version__} is installed, relay/aiosmtpd_compat.py was written for "
+        f"aiosmtpd {aiosmtpd.__version__} is installed, relay/intake/aiosmtpd_compat.py was written for "
         f"{', '.join(WRITTEN_FOR)}: check each name in PRIVATE_METHODS and INSTANCE_ATTRIBUTES against "
         "the new aiosmtpd/smtp.py, then add the version to WRITTEN_FOR and widen pyproject.toml")
 
@@ -39,7 +39,7 @@ def test_pyproject_bounds_aiosmtpd_to_the_written_for_releases() -> None:
 @pytest.mark.parametrize("name", sorted(PRIVATE_METHODS))
 def test_private_method_exists_with_the_expected_parameters(name: str) -> None:
     method = getattr(SMTP, name, None)
-    assert callable(method), f"aiosmtpd.smtp.SMTP.{name} is gone: relay/aiosmtpd_compat.py must change"
+    assert callable(method), f"aiosmtpd.smtp.SMTP.{name} is gone: relay/intake/aiosmtpd_compat.py must change"
     assert tuple(inspect.signature(method).parameters) == PRIVATE_METHODS[name], name
 
 
@@ -120,7 +120,7 @@ async def test_instance_attributes_exist_on_a_connected_protocol() -> None:
         _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
         await asyncio.wait_for(connected.wait(), 5)
         missing = [name for name in INSTANCE_ATTRIBUTES if not hasattr(holder[0], name)]
-        assert missing == [], f"aiosmtpd no longer sets {missing}: relay/aiosmtpd_compat.py must change"
+        assert missing == [], f"aiosmtpd no longer sets {missing}: relay/intake/aiosmtpd_compat.py must change"
         writer.close()
     finally:
         server.close()
@@ -144,4 +144,4 @@ def test_no_other_relay_module_touches_those_private_names() -> None:
                 node, ast.FunctionDef | ast.AsyncFunctionDef) else None
             if name in private:
                 found.append(f"{path.relative_to(relay_dir.parent)}:{node.lineno} {name}")
-    assert found == [], "aiosmtpd private names outside relay/aiosmtpd_compat.py: " + ", ".join(found)
+    assert found == [], "aiosmtpd private names outside relay/intake/aiosmtpd_compat.py: " + ", ".join(found)

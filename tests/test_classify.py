@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import aiosmtplib
 import pytest
 
-from relay.classify import (
+from relay.delivery.classify import (
     RULES,
     Action,
     Scope,
@@ -21,8 +21,8 @@ from relay.classify import (
     classify_reply,
     parse_enhanced,
 )
+from relay.delivery.hints import AADSTS_HINTS, STEPS, hint_for_aadsts, parse_aadsts
 from relay.errors import TokenError
-from relay.hints import AADSTS_HINTS, STEPS, hint_for_aadsts, parse_aadsts
 
 # The bracketed tail varies per server and per reply; every row is tested with two of them.
 TAILS = (
@@ -609,7 +609,7 @@ def test_hints_travel_with_the_rule_that_decides() -> None:
 
 
 def test_every_rule_that_holds_carries_a_hint() -> None:
-    from relay.classify import RULES
+    from relay.delivery.classify import RULES
 
     assert [r.reason for r in RULES if r.action is Action.HOLD and r.hint is None] == []
     assert [r.reason for r in RULES if r.action is Action.DELIVERED and r.hint is not None] == []

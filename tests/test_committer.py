@@ -1,4 +1,4 @@
-"""Group commit (relay.committer): real spool files, a real thread, gates instead of sleeps."""
+"""Group commit (relay.queue.committer): real spool files, a real thread, gates instead of sleeps."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.committer import GroupCommitter
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError
-from relay.spool import Entry, Spool, State, StoreRequest
+from relay.queue.committer import GroupCommitter
+from relay.queue.spool import Entry, Spool, State, StoreRequest
 
 ENV = Envelope("erp@contoso.com", ("a@example.com",))
 ROUTE = Route(app="contoso", mailbox="noreply@contoso.com", sender="noreply@contoso.com")

@@ -1,6 +1,6 @@
 """The DATA invariant, vector by vector, with no server: one DATA is one message.
 
-Each vector is fed to a :class:`relay.data.DataReceiver` through a real ``asyncio.StreamReader``
+Each vector is fed to a :class:`relay.intake.data.DataReceiver` through a real ``asyncio.StreamReader``
 followed by the bytes of a next command. Whatever the vector (hostile headers, a failing policy, a
 failing spool), the receiver must stop exactly after the end-of-data line (the next command is still
 unread), give one outcome (None = complete, or one reply), and abort the body on every error.
@@ -15,12 +15,12 @@ from collections.abc import Callable
 import pytest
 
 from relay.config import RewriteFrom, settings_from_dict
-from relay.data import DataReceiver, prepare_headers
 from relay.envelope import Route
 from relay.errors import SpoolFull
-from relay.policy import HeaderDecision, Policy, Principal, Refusal
-from relay.replies import INTERNAL_ERROR, SPOOL_FULL
-from relay.rewrite import from_addresses
+from relay.intake.data import DataReceiver, prepare_headers
+from relay.intake.policy import HeaderDecision, Policy, Principal, Refusal
+from relay.intake.replies import INTERNAL_ERROR, SPOOL_FULL
+from relay.intake.rewrite import from_addresses
 
 NEXT = b"NOOP\r\n"
 SMUGGLED = (b"RSET\r\nMAIL FROM:<relay@contoso.com>\r\nRCPT TO:<smuggled@evil.example>\r\nDATA\r\n"

@@ -1,6 +1,6 @@
 """The delivery scheduler, unit by unit, on a fake clock.
 
-A real :class:`relay.spool.Spool` (in a temporary directory) and a fake submitter whose answers are
+A real :class:`relay.queue.spool.Spool` (in a temporary directory) and a fake submitter whose answers are
 real Exchange replies run through the real classifier. The tests call ``await delivery.tick()`` and
 move the fake clock themselves, so backoff, pacing, holds and expiry take no real time.
 """
@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from relay.classify import Action, Outcome, Scope, Stage, Verdict, classify_exception, classify_reply
 from relay.config import Settings, settings_from_dict
-from relay.decision import backoff
-from relay.delivery import POLL_INTERVAL, Delivery
+from relay.delivery.classify import Action, Outcome, Scope, Stage, Verdict, classify_exception, classify_reply
+from relay.delivery.decision import backoff
+from relay.delivery.pacing import PACING_WINDOW, Pacer
+from relay.delivery.scheduler import POLL_INTERVAL, Delivery
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError, SpoolFull, TokenError
 from relay.observability import Metrics
-from relay.pacing import PACING_WINDOW, Pacer
-from relay.spool import Entry, Spool, State, StoreRequest
+from relay.queue.spool import Entry, Spool, State, StoreRequest
 from tests.fakeclock import FakeClock
 
 MAILBOX = "relay@contoso.com"
@@ -529,7 +529,7 @@ def test_spooled_message_for_an_app_removed_from_the_config_becomes_a_dead_lette
     admin can act on (restore and requeue, or delete), never retried forever or dropped."""
     from relay.envelope import Envelope as Env
     from relay.envelope import Route as Rt
-    from relay.spool import Spool as RealSpool
+    from relay.queue.spool import Spool as RealSpool
     from relay.testing.harness import RelayThread, relay_config, wait_until
     from relay.testing.m365 import SimulatedM365
 
@@ -553,7 +553,7 @@ def test_spooled_message_for_an_app_removed_from_the_config_becomes_a_dead_lette
 
 
 async def test_an_adopted_message_is_delivered_once(make: Callable[..., Harness]) -> None:
-    """A message stored ACTIVE after its client left (relay.committer's orphan) is delivered, not left
+    """A message stored ACTIVE after its client left (relay.queue.committer's orphan) is delivered, not left
     ACTIVE until the next restart; adopting it twice does not send it twice."""
     h = make()
     [entry] = h.store(state=State.ACTIVE)

@@ -1,42 +1,38 @@
-"""The delivery stage's modules import one way: delivery -> attempt -> decision, holds, pacing."""
+"""The delivery stage's modules import one way: scheduler -> attempt -> decision, holds, pacing."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
-RELAY = Path(__file__).resolve().parent.parent / "relay"
+from tests.import_graph import import_graph
 
-#: module -> the delivery-stage modules it may import (the rest of relay/ is not this test's business)
+STAGE = "relay.delivery."
+#: module -> the delivery-stage modules it may import (the rest of relay/ is tests/test_structure.py's business)
 ALLOWED = {
-    "delivery": {"attempt", "holds", "pacing"},
-    "attempt": {"decision", "holds", "pacing"},
-    "holds": {"pacing"},
-    "decision": set(),
+    "scheduler": {"attempt", "holds", "pacing"},
+    "attempt": {"decision", "holds", "pacing", "classify"},
+    "holds": {"pacing", "classify"},
+    "decision": {"classify"},
     "pacing": set(),
 }
 
 
-def relay_imports(module: str) -> set[str]:
-    """The relay modules ``relay/<module>.py`` imports, at any level (also under TYPE_CHECKING)."""
-    tree = ast.parse((RELAY / f"{module}.py").read_text(encoding="utf-8"))
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("relay."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("relay.")}
-    return found
+def stage_imports(module: str) -> set[str]:
+    """The relay.delivery modules ``relay.delivery.<module>`` imports (also under TYPE_CHECKING)."""
+    return {dep.removeprefix(STAGE) for dep in import_graph()[STAGE + module] if dep.startswith(STAGE)}
 
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))
 def test_delivery_stage_imports_flow_one_way(module: str) -> None:
-    stage = relay_imports(module) & set(ALLOWED)
-    assert stage <= ALLOWED[module], f"relay/{module}.py imports {sorted(stage - ALLOWED[module])} against the flow"
+    stage = stage_imports(module) & (set(ALLOWED) | {"classify"})
+    wrong = sorted(stage - ALLOWED[module])
+    assert not wrong, f"relay.delivery.{module} imports {wrong} against the flow"
 
 
-def test_nothing_in_relay_but_service_imports_delivery() -> None:
-    importers = {p.stem for p in RELAY.glob("*.py") if "delivery" in relay_imports(p.stem)}
-    assert importers <= {"service"}, f"only service may import relay.delivery, not {sorted(importers - {'service'})}"
+def test_the_graph_sees_the_known_edges() -> None:
+    assert stage_imports("scheduler") >= {"attempt", "holds"}
+
+
+def test_nothing_in_relay_but_service_imports_the_scheduler() -> None:
+    importers = {m for m, deps in import_graph().items() if STAGE + "scheduler" in deps}
+    assert importers <= {"relay.service"}, f"only the service may import the scheduler, not {sorted(importers)}"

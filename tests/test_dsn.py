@@ -6,7 +6,7 @@ import email
 import email.policy
 import smtplib
 
-from relay.dsn import build_dsn, dsn_allowed, is_automatic
+from relay.delivery.dsn import build_dsn, dsn_allowed, is_automatic
 from relay.envelope import Envelope
 from relay.testing.harness import wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from relay.spool import Entry, Spool, State
+from relay.queue.spool import Entry, Spool, State
 from relay.testing.exchange import THREAD_LIMIT
 from relay.testing.harness import (
     DEMO_PASSWORD,

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.config import settings_from_dict
 from relay.errors import TokenError
+from relay.microsoft.tokens import TokenProvider
 from relay.testing.harness import relay_config
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_TENANT, SimulatedM365
-from relay.tokens import TokenProvider
 from tests.conftest import RelayFactory
 
 ISSUER = "https://oidc.prod-aks.azure.com/cluster-1/"

@@ -472,7 +472,7 @@ def test_daily_recipient_budget_spent_holds_instead_of_bouncing(redis_server: Re
                                                                 m365: SimulatedM365) -> None:
     import smtplib
 
-    from relay.spool import State
+    from relay.queue.spool import State
     from relay.testing.harness import wait_until
     from relay.testing.m365 import STANDARD_MAILBOX
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.microsoft.upstream import xoauth2_initial_response
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, wait_until
 from relay.testing.m365 import (
     STANDARD_CLIENT_ID,
@@ -26,7 +27,6 @@ from relay.testing.m365 import (
     STANDARD_TENANT,
     SimulatedM365,
 )
-from relay.upstream import xoauth2_initial_response
 from tests.conftest import RelayFactory
 
 VECTORS = [

@@ -19,20 +19,20 @@ from typing import Any
 
 import pytest
 
-from relay.classify import Action, GraphReply, Scope, classify_graph
 from relay.config import settings_from_dict
-from relay.delivery import Delivery
+from relay.delivery.classify import Action, GraphReply, Scope, classify_graph
+from relay.delivery.scheduler import Delivery
 from relay.envelope import Envelope, Route
 from relay.errors import ConfigError
-from relay.graph import GraphSender, check_graph_claims, parse_retry_after, prepare_mime
+from relay.microsoft.graph import GraphSender, check_graph_claims, parse_retry_after, prepare_mime
+from relay.microsoft.tokens import TokenProvider, TokenProviders
+from relay.microsoft.transport import Dispatcher
+from relay.microsoft.upstream import SessionPool, Submitter
 from relay.observability import Metrics
-from relay.spool import Spool, State
+from relay.queue.spool import Spool, State
 from relay.testing.entra import GRAPH_RESOURCE
 from relay.testing.harness import RelayThread, relay_config, wait_until
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_SEND_AS, STANDARD_TENANT, SimulatedM365
-from relay.tokens import TokenProvider, TokenProviders
-from relay.transport import Dispatcher
-from relay.upstream import SessionPool, Submitter
 from tests.conftest import RelayFactory
 from tests.fakeclock import FakeClock
 

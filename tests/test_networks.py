@@ -100,7 +100,7 @@ def test_proxy_down_defers_and_never_bounces(m365: SimulatedM365, relay_factory:
 def test_https_proxy_environment_variable_is_honoured(m365: SimulatedM365, tmp_path: Path,
                                                       tinyproxy: TinyProxy) -> None:
     from relay.config import settings_from_dict
-    from relay.tokens import build_http_session
+    from relay.microsoft.tokens import build_http_session
 
     settings = settings_from_dict(relay_config(m365, tmp_path))
     session = build_http_session(settings.apps[0], {"HTTPS_PROXY": f"http://127.0.0.1:{tinyproxy.port}"})

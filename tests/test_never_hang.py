@@ -409,7 +409,7 @@ def test_token_session_puts_the_timeout_on_every_request(m365: SimulatedM365, tm
     """MSAL sends its requests without a timeout: the session adds apps[].timeout (REQUESTS_CA_BUNDLE
     and proxies from the environment stay ignored)."""
     from relay.config import settings_from_dict
-    from relay.tokens import TimeoutSession, build_http_session
+    from relay.microsoft.tokens import TimeoutSession, build_http_session
 
     settings = settings_from_dict(relay_config(m365, tmp_path))
     session = build_http_session(settings.apps[0], {"REQUESTS_CA_BUNDLE": "/nonexistent"})
@@ -428,7 +428,7 @@ async def test_data_to_a_server_that_stops_reading_ends_at_the_command_timeout(t
 
     import aiosmtplib
 
-    from relay.smtp_transaction import stream_data
+    from relay.microsoft.smtp_transaction import stream_data
 
     held: list[asyncio.StreamWriter] = []
 

@@ -475,7 +475,7 @@ def test_exchange_setup_follows_the_cloud(tmp_path: Path) -> None:
     # check's hint for missing consent (admin step 3) points at the same cloud.
     from relay.check import fill
     from relay.config import load_settings
-    from relay.hints import STEPS
+    from relay.delivery.hints import STEPS
     app = load_settings(_setup_config(tmp_path, "gcc-high")).apps[0]
     assert ("https://login.microsoftonline.us/11111111-1111-1111-1111-111111111111/v2.0/adminconsent"
             "?client_id=22222222-2222-2222-2222-222222222222") in fill(STEPS[3].fix, app)

@@ -1,4 +1,4 @@
-"""The outcome decision (relay.decision.decide), row by row: what happens to a message after an attempt.
+"""The outcome decision (relay.delivery.decision.decide), row by row: what happens to a message after an attempt.
 
 Each row names the attempt (the spool entry before it, Exchange's outcome, whether the client still
 waits) and what must follow. The backoff is a fixed function of the attempt number here, so a row can
@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from relay.classify import Action, Outcome, Scope, Stage, Verdict, classify_reply
 from relay.config import Settings, settings_from_dict
-from relay.decision import DeadLetter, Decision, Step, decide
+from relay.delivery.classify import Action, Outcome, Scope, Stage, Verdict, classify_reply
+from relay.delivery.decision import DeadLetter, Decision, Step, decide
 from relay.envelope import Envelope, Route
-from relay.spool import Entry, State
+from relay.queue.spool import Entry, State
 
 MAILBOX = "relay@contoso.com"
 A, B, C = "a@example.com", "b@example.com", "c@example.com"

@@ -22,15 +22,15 @@ from aiosmtplib.protocol import normalize_message_line_endings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import relay.smtp_transaction as smtp_transaction
-from relay.classify import Action, Outcome, Scope, Stage, classify_reply
+import relay.microsoft.smtp_transaction as smtp_transaction
 from relay.config import settings_from_dict
+from relay.delivery.classify import Action, Outcome, Scope, Stage, classify_reply
 from relay.envelope import Envelope, Route
+from relay.microsoft.tokens import TokenProviders
+from relay.microsoft.transport import Dispatcher
+from relay.microsoft.upstream import SessionPool, Submitter
 from relay.testing.harness import relay_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
-from relay.tokens import TokenProviders
-from relay.transport import Dispatcher
-from relay.upstream import SessionPool, Submitter
 
 MODES = ("step", "pipelining", "chunking")
 RCPTS = ("a@fabrikam.example", "b@fabrikam.example", "c@fabrikam.example")
@@ -149,7 +149,7 @@ async def bench(m365: SimulatedM365, tmp_path: Path) -> AsyncIterator[Bench]:
 
 def _committed_divergence(script: Script) -> bool:
     """A refusal of the whole message at RCPT while the server keeps another recipient: step by step
-    nothing is sent; with BDAT the message went with the commands (see relay.smtp_transaction)."""
+    nothing is sent; with BDAT the message went with the commands (see relay.microsoft.smtp_transaction)."""
     if script.mail is not None or script.data is not None:
         return False
     refused_message = any_accepted = False

@@ -1,4 +1,4 @@
-"""Sender policy (relay.policy): who may use which envelope sender and header From, via which mailbox."""
+"""Sender policy (relay.intake.policy): who may use which envelope sender and header From, via which mailbox."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from relay.config import settings_from_dict
 from relay.envelope import Route
-from relay.policy import HeaderDecision, Policy, Principal, Refusal, sender_matches
+from relay.intake.policy import HeaderDecision, Policy, Principal, Refusal, sender_matches
 
 APP = {"name": "contoso", "tenant_id": "11111111-1111-1111-1111-111111111111",
        "client_id": "22222222-2222-2222-2222-222222222222", "client_secret": "x"}

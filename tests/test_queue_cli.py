@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from relay.cli import main as cli_main
-from relay.spool import Spool, State
+from relay.queue.spool import Spool, State
 from relay.testing.harness import (
     DEMO_PASSWORD,
     DEMO_USER,

@@ -1,4 +1,4 @@
-"""From rewriting (relay.rewrite): display names kept as written, original in Reply-To, nothing else."""
+"""From rewriting (relay.intake.rewrite): display names kept as written, original in Reply-To, nothing else."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import email.policy
 
 import pytest
 
-from relay.rewrite import HeaderRewriter, display_part, from_addresses, new_from_value, split_header_fields
+from relay.intake.rewrite import HeaderRewriter, display_part, from_addresses, new_from_value, split_header_fields
 
 MBX = "relay@contoso.com"
 

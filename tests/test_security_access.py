@@ -21,7 +21,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-import relay.listener
+import relay.intake.listener
 from relay.config import ConfigError, is_loopback_host, settings_from_dict, too_wide
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
@@ -147,7 +147,7 @@ def test_auth_required_refuses_even_allowlisted(relay_factory: RelayFactory, m36
 @pytest.fixture
 def second_host_is_remote(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make 127.0.0.2 count as a host beyond loopback for the listener's plaintext-AUTH rule."""
-    monkeypatch.setattr(relay.listener, "is_loopback_host", lambda ip: ip == "127.0.0.1")
+    monkeypatch.setattr(relay.intake.listener, "is_loopback_host", lambda ip: ip == "127.0.0.1")
 
 
 @pytest.mark.usefixtures("second_host_is_remote")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import relay.listener
+import relay.intake.listener
 from relay.config import settings_from_dict
-from relay.listener import AuthLimiter, RelayHandler, RelaySMTP
+from relay.intake.listener import AuthLimiter, RelayHandler, RelaySMTP
 from relay.observability import HEALTH_MAX_CONNECTIONS, HealthServer, Metrics
 from relay.service import ReloadRefused
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, wait_until, write_config
@@ -105,7 +105,7 @@ class Checks:
 
 @pytest.fixture
 def checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Checks]:
-    real = relay.listener.verify_password
+    real = relay.intake.listener.verify_password
     c = Checks()
 
     def counted(password: str, hashed: str) -> bool:
@@ -119,7 +119,7 @@ def checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Checks]:
             with c.lock:
                 c.waiting -= 1
 
-    monkeypatch.setattr(relay.listener, "verify_password", counted)
+    monkeypatch.setattr(relay.intake.listener, "verify_password", counted)
     yield c
     c.gate.set()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.listener import AuthLimiter
+from relay.intake.listener import AuthLimiter
 from relay.testing.harness import RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
 from tests.conftest import RelayFactory

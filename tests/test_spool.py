@@ -22,7 +22,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError, SpoolFull
-from relay.spool import BodyWriter, Spool, State, new_queue_id
+from relay.queue.spool import BodyWriter, Spool, State, new_queue_id
 from tests.fakeclock import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,7 +335,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from relay.envelope import Envelope, Route
-from relay.spool import Spool
+from relay.queue.spool import Spool
 s = Spool(Path(sys.argv[1]))
 s.open()
 env = Envelope("erp@contoso.com", ("a@example.com",))
@@ -656,7 +656,7 @@ def test_unwritable_directory_for_nobody() -> None:
                 os.chmod(f, 0o644)
         code = (
             "import os, sys\nfrom pathlib import Path\nsys.path.insert(0, sys.argv[2])\n"
-            "from relay.spool import Spool\nfrom relay.errors import SpoolError, SpoolFull\n"
+            "from relay.queue.spool import Spool\nfrom relay.errors import SpoolError, SpoolFull\n"
             "from relay.envelope import Envelope, Route\n"
             "os.setgid(65534); os.setuid(65534)\n"
             "out = []\n"
@@ -799,7 +799,7 @@ TestSpoolStateMachine.settings = settings(max_examples=40, stateful_step_count=3
 
 def test_min_free_refuses_new_bodies_but_not_queue_changes(tmp_path: Path) -> None:
     from relay.errors import SpoolFull
-    from relay.spool import Spool
+    from relay.queue.spool import Spool
 
     spool = Spool(tmp_path / "spool")
     spool.open()

@@ -12,7 +12,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import relay.smtp_transaction as upstream
+import relay.microsoft.smtp_transaction as upstream
 
 
 class _Protocol:

@@ -9,9 +9,9 @@ import pytest
 
 from relay.config import settings_from_dict
 from relay.errors import TokenError
+from relay.microsoft.tokens import TokenProvider
 from relay.testing.harness import relay_config
 from relay.testing.m365 import SimulatedM365
-from relay.tokens import TokenProvider
 from tests.fakeclock import FakeClock
 
 START = 1_800_000_000.0

@@ -1,11 +1,11 @@
-"""relay.transport.Dispatcher: the one place that chooses an attempt's transport."""
+"""relay.microsoft.transport.Dispatcher: the one place that chooses an attempt's transport."""
 
 from __future__ import annotations
 
-from relay.classify import Action
+from relay.delivery.classify import Action
 from relay.envelope import Envelope, Route
-from relay.transport import Dispatcher
-from relay.upstream import SessionPool, Submitter
+from relay.microsoft.transport import Dispatcher
+from relay.microsoft.upstream import SessionPool, Submitter
 
 
 async def test_a_route_whose_app_is_gone_fails_with_an_actionable_reason_and_sends_nothing() -> None:

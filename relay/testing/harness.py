@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from relay.config import Settings, settings_from_dict
-from relay.passwords import hash_password
+from relay.intake.passwords import hash_password
 from relay.service import Relay
 from relay.testing.m365 import (
     STANDARD_CLIENT_ID,

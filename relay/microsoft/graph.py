@@ -4,7 +4,7 @@ For tenants that keep SMTP AUTH switched off, a mailbox may say ``transport: gra
 goes unchanged but for its recipient headers (see below), base64-encoded, as ``Content-Type:
 text/plain``, with an app-only token for ``https://graph.microsoft.com/.default`` (the Mail.Send
 application permission). The token comes from the app registration's one MSAL application, second
-scope (:meth:`relay.tokens.TokenProvider.get` with ``scope=``): cached, single-flight, refreshed ahead.
+scope (:meth:`relay.microsoft.tokens.TokenProvider.get` with ``scope=``): cached, single-flight, refreshed ahead.
 
 Why the recipient headers are rewritten: Graph has no envelope. It rebuilds the recipients from the
 ``To``, ``Cc`` and ``Bcc`` headers of the MIME, and the envelope is the truth (docs/architecture.md, invariant 9). So:
@@ -19,12 +19,12 @@ Why the recipient headers are rewritten: Graph has no envelope. It rebuilds the 
 
 Graph's request limit is 4 MB and base64 adds a third: a MIME message over ``apps[].graph_max_mime``
 (3,000,000 bytes by default) is refused permanently with ``552 5.3.4`` naming that limit, or, when the
-mailbox has ``fallback_smtp: true``, goes by SMTP (:class:`relay.transport.Dispatcher` does that).
+mailbox has ``fallback_smtp: true``, goes by SMTP (:class:`relay.microsoft.transport.Dispatcher` does that).
 
 HTTP runs in a worker thread with ``requests`` (no new dependency): the same session settings as the
 token endpoint, ``trust_env=False``, the app's ``token_ca_file`` and proxy (``NO_PROXY`` is evaluated
-against the Graph host). The answer becomes one :class:`relay.classify.Verdict` by the classifier's
-Graph rows (:func:`relay.classify.classify_graph`).
+against the Graph host). The answer becomes one :class:`relay.delivery.classify.Verdict` by the classifier's
+Graph rows (:func:`relay.delivery.classify.classify_graph`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from urllib.parse import quote
 import requests
 
 from relay.blocking import call_with_deadline
-from relay.classify import (
+from relay.config import AppSettings, MailboxSettings, Settings
+from relay.delivery.classify import (
     Action,
     GraphReply,
     Outcome,
@@ -58,11 +59,10 @@ from relay.classify import (
     classify_graph,
     graph_failed,
 )
-from relay.config import AppSettings, MailboxSettings, Settings
+from relay.delivery.hints import GRAPH_AUDIENCE_HINT, GRAPH_PERMISSION_HINT, GRAPH_TLS_HINT
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
-from relay.hints import GRAPH_AUDIENCE_HINT, GRAPH_PERMISSION_HINT, GRAPH_TLS_HINT
-from relay.tokens import Token, TokenProvider, host_of, proxy_from_environment
+from relay.microsoft.tokens import Token, TokenProvider, host_of, proxy_from_environment
 
 log = logging.getLogger("relay.graph")
 

@@ -1,7 +1,7 @@
 """One delivery attempt and what it leaves behind: spool writes, metrics, logs, the waiting client.
 
 :meth:`Attempts.attempt` submits a message (with the fleet's check beside the local pacer) and
-:meth:`Attempts.record` carries out what :func:`relay.decision.decide` says about the outcome. The
+:meth:`Attempts.record` carries out what :func:`relay.delivery.decision.decide` says about the outcome. The
 spool is the truth: every outcome is written there before it counts; one the spool could not take
 (disk full...) is kept in memory and written again each round, so a message Exchange accepted is not
 sent again. Dead letters (refused, expired) go through :meth:`Attempts.kill`.
@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from relay.classify import Action, Outcome, Scope, Verdict
-from relay.committer import GroupCommitter
 from relay.config import Settings
-from relay.decision import DeadLetter, Decision, Step, backoff, decide
+from relay.delivery.classify import Action, Outcome, Scope, Verdict
+from relay.delivery.decision import DeadLetter, Decision, Step, backoff, decide
+from relay.delivery.holds import Holds
+from relay.delivery.pacing import MailboxPacing, mailbox_key
 from relay.envelope import Envelope, Route
 from relay.fleet import FleetWait
-from relay.holds import Holds
 from relay.observability import Metrics
-from relay.pacing import MailboxPacing, mailbox_key
-from relay.spool import Entry, Spool, State
+from relay.queue.committer import GroupCommitter
+from relay.queue.spool import Entry, Spool, State
 
 log = logging.getLogger("relay.delivery")
 
@@ -36,7 +36,7 @@ LOCAL_ERROR_RETRY = 60.0
 
 
 class SubmitsMessages(Protocol):
-    """What the scheduler needs from :class:`relay.upstream.Submitter` (tests pass a fake)."""
+    """What the scheduler needs from :class:`relay.microsoft.upstream.Submitter` (tests pass a fake)."""
 
     async def submit(self, route: Route, envelope: Envelope, body: bytes | Path,
                      recipients: tuple[str, ...] | None = None) -> Outcome: ...
@@ -139,7 +139,8 @@ class Attempts:
         return queued_reply(entry)
 
     async def record(self, entry: Entry, outcome: Outcome, waiter: Waiter | None) -> str:
-        """Carry out what :func:`relay.decision.decide` says: spool writes, metrics, logs, the waiting client."""
+        """Carry out what :func:`~relay.delivery.decision.decide` says: spool writes, metrics, logs,
+        the waiting client."""
         verdict = outcome.verdict
         now = self.clock()
         self.metrics.attempt(entry.route.mailbox, verdict.reason, outcome.duration)

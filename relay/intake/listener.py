@@ -2,7 +2,7 @@
 
 What is ours here, and why aiosmtpd's defaults are not enough:
 - AUTH PLAIN / LOGIN are verified off the event loop (scrypt is slow on purpose) and remembered
-  safely (:class:`relay.passwords.VerifiedCache`); attempts are counted per client (all of loopback
+  safely (:class:`relay.intake.passwords.VerifiedCache`); attempts are counted per client (all of loopback
   is one) before they are checked.
 - DATA streams into the spool as it arrives instead of buffering the whole message several times
   over, and only CRLF.CRLF ends it: a bare LF or CR before a dot never ends a message (SMTP
@@ -30,16 +30,16 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from relay import replies as R
-from relay.addresses import parse_path
-from relay.aiosmtpd_compat import CheapIntrospection, CompatSMTP, fixed_signature
 from relay.config import AuthMode, ListenSettings, Settings, TlsMode, is_loopback_host
-from relay.data import BodySink, DataReceiver, LineTooLong, read_line, take_message
 from relay.envelope import Envelope as RelayEnvelope
 from relay.envelope import Route
 from relay.errors import SpoolError
-from relay.passwords import VerifiedCache, hash_password, verify_password
-from relay.policy import Policy, Principal, Refusal
+from relay.intake import replies as R
+from relay.intake.addresses import parse_path
+from relay.intake.aiosmtpd_compat import CheapIntrospection, CompatSMTP, fixed_signature
+from relay.intake.data import BodySink, DataReceiver, LineTooLong, read_line, take_message
+from relay.intake.passwords import VerifiedCache, hash_password, verify_password
+from relay.intake.policy import Policy, Principal, Refusal
 from relay.text import CONTROL
 
 log = logging.getLogger("relay.listener")
@@ -675,7 +675,7 @@ class RelaySMTP(CompatSMTP):
         )
         self.reset_idle_timer(limits.data_timeout)
         await self.push(R.START_DATA)
-        # From here on exactly one reply for this DATA, after its end-of-data line (relay.data).
+        # From here on exactly one reply for this DATA, after its end-of-data line (relay.intake.data).
         reply = await take_message(self.stream_reader(), receiver, functools.partial(self._accept, route))
         self.reset_idle_timer()
         await self.push(reply)

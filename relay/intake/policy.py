@@ -25,10 +25,10 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from relay.addresses import has_forbidden_characters
 from relay.config import NetworkRule, RewriteFrom, Settings, UserSettings
 from relay.envelope import Route
-from relay.rewrite import field_name, from_addresses, split_header_fields
+from relay.intake.addresses import has_forbidden_characters
+from relay.intake.rewrite import field_name, from_addresses, split_header_fields
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay.errors import SpoolError
-from relay.spool import Entry, Spool, StoreRequest
+from relay.queue.spool import Entry, Spool, StoreRequest
 
 __all__ = ["GroupCommitter"]
 

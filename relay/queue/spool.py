@@ -15,7 +15,7 @@ only come from outside interference and is moved to ``dead`` with reason ``body 
 
 :meth:`Spool.commit_group` does the same for several new messages and several delivered ones at
 once (group commit: one directory fsync and one WAL fsync between them); the daemon feeds it from one
-thread (:mod:`relay.committer`) so that concurrent clients share those fsyncs.
+thread (:mod:`relay.queue.committer`) so that concurrent clients share those fsyncs.
 
 Every state change is one short ``BEGIN IMMEDIATE`` transaction, so the daemon and the
 ``oauth-smtp-relay queue`` CLI (another process) can share the database; WAL lets readers go on while

@@ -1,6 +1,6 @@
 """Everything the relay takes from aiosmtpd beyond its public API, in one place.
 
-The listener (:class:`relay.listener.RelaySMTP`) needs a few things aiosmtpd only offers through
+The listener (:class:`relay.intake.listener.RelaySMTP`) needs a few things aiosmtpd only offers through
 private names: a 421 before an idle close, connection limits around the whole session, a cheaper
 address parser, its own transaction state reset with aiosmtpd's, the AUTH mechanisms and command
 table, the TLS state, the stream reader and the idle timer. :class:`CompatSMTP` overrides or reads

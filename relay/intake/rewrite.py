@@ -12,8 +12,8 @@ import email.utils
 import functools
 import re
 
-from relay.addresses import MAX_ADDRESS_FIELD, address_list, simple_address
 from relay.envelope import Route
+from relay.intake.addresses import MAX_ADDRESS_FIELD, address_list, simple_address
 from relay.text import has_control_characters
 
 #: A field name, and the colon after it; white space before the colon is RFC 5322's obsolete

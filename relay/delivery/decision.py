@@ -1,7 +1,7 @@
 """What to do with a message after an attempt: a pure function of the attempt and the settings.
 
 :func:`decide` takes the spool entry, Exchange's outcome, the time and the settings and says what
-happens next; it writes nothing, logs nothing and counts nothing. ``relay.delivery`` carries the
+happens next; it writes nothing, logs nothing and counts nothing. ``relay.delivery.scheduler`` carries the
 decision out (spool, metrics, logs, the waiting client), so the rules can be read and table-tested
 in one place:
 
@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from relay.classify import Action, Outcome, Scope, Verdict
 from relay.config import Settings
-from relay.spool import Entry
+from relay.delivery.classify import Action, Outcome, Scope, Verdict
+from relay.queue.spool import Entry
 
 
 class Step(StrEnum):

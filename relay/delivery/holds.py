@@ -22,13 +22,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from relay.classify import Action, Scope, Verdict
 from relay.config import Settings
+from relay.delivery.classify import Action, Scope, Verdict
+from relay.delivery.pacing import mailbox_key
 from relay.envelope import Route
 from relay.fleet import Fleet, SharedBlock
 from relay.observability import Metrics
-from relay.pacing import mailbox_key
-from relay.spool import Spool, State
+from relay.queue.spool import Spool, State
 
 log = logging.getLogger("relay.delivery")
 

@@ -1,7 +1,7 @@
 """The replies the relay writes to its clients on its own, named; and the sanitiser every reply passes.
 
 Each text exists once, here: the listener (commands, AUTH, limits) and the DATA reader import it.
-Refusals decided by policy (:class:`relay.policy.Refusal`) and the delivery's answers after DATA are
+Refusals decided by policy (:class:`relay.intake.policy.Refusal`) and the delivery's answers after DATA are
 built where those decisions are made. Every refusal carries an enhanced status code (RFC 3463) and
 no reply ever carries a Python exception text; :func:`normalise_reply` adds the code to aiosmtpd's
 own replies and bounds whatever is written.

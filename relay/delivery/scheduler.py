@@ -4,11 +4,11 @@ The spool is the truth: every decision is written there before it counts, so the
 any line and the next start carries on. In memory we only keep what may be lost: pacing windows,
 holds and pauses (recomputed by probing), and the tasks in flight.
 
-- **Pacing** (relay.pacing): a mailbox's messages are claimed only while it has a connection and a
+- **Pacing** (relay.delivery.pacing): a mailbox's messages are claimed only while it has a connection and a
   pacing slot free; a burst waits in the spool, not in memory.
-- **Holds and pauses** (relay.holds): nothing is attempted for a held or paused app or mailbox.
-- **Attempts** (relay.attempt): one submission and its bookkeeping; what follows an outcome is the
-  pure function relay.decision.decide, carried out there (spool, metrics, logs, the waiting client).
+- **Holds and pauses** (relay.delivery.holds): nothing is attempted for a held or paused app or mailbox.
+- **Attempts** (relay.delivery.attempt): one submission and its bookkeeping; what follows an outcome is the
+  pure function relay.delivery.decision.decide, carried out there (spool, metrics, logs, the waiting client).
 - **Time** comes from an injected ``clock`` and the scheduler waits through an injected ``sleep``, so
   tests drive backoff, pacing and expiry with a fake clock instead of real waiting.
 """
@@ -25,15 +25,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from relay.attempt import Attempts, SubmitsMessages, Waiter, queued_reply
-from relay.committer import GroupCommitter
 from relay.config import Settings
+from relay.delivery.attempt import Attempts, SubmitsMessages, Waiter, queued_reply
+from relay.delivery.holds import Block, Holds, Probe
+from relay.delivery.pacing import MailboxPacing, mailbox_key
 from relay.envelope import Route
 from relay.fleet import Fleet, SharedBlock
-from relay.holds import Block, Holds, Probe
 from relay.observability import Metrics
-from relay.pacing import MailboxPacing, mailbox_key
-from relay.spool import Entry, Spool
+from relay.queue.committer import GroupCommitter
+from relay.queue.spool import Entry, Spool
 
 log = logging.getLogger("relay.delivery")
 
@@ -78,12 +78,12 @@ class Delivery:
         committer: GroupCommitter | None = None,
     ) -> None:
         self.clock = clock
-        #: per mailbox: limits, pacing windows, connections in use, fleet waits (relay.pacing)
+        #: per mailbox: limits, pacing windows, connections in use, fleet waits (relay.delivery.pacing)
         self.pacing = MailboxPacing(settings, clock)
-        #: holds and pauses of apps and mailboxes, and the probes that lift holds (relay.holds)
+        #: holds and pauses of apps and mailboxes, and the probes that lift holds (relay.delivery.holds)
         self.held = Holds(settings, spool, metrics, clock, wake=self.wake, spawn=self._spawn,
                           probe=probe, probe_interval=probe_interval)
-        #: one attempt and its bookkeeping (relay.attempt); deliveries are recorded in groups by the
+        #: one attempt and its bookkeeping (relay.delivery.attempt); deliveries are recorded in groups by the
         #: committer (shared with the listener's stores when the service wires it)
         self.attempts = Attempts(settings, spool, submitter, metrics, committer=committer or GroupCommitter(spool),
                                  clock=clock, rng=rng or random.Random(), pacing=self.pacing, held=self.held,

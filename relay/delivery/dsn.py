@@ -22,7 +22,7 @@ from email.utils import format_datetime, formatdate, make_msgid
 from pathlib import Path
 
 from relay.envelope import Envelope, Route
-from relay.rewrite import field_name, field_value, split_header_fields
+from relay.intake.rewrite import field_name, field_value, split_header_fields
 
 _HEADER_READ_LIMIT = 256 * 1024
 

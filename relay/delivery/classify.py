@@ -30,9 +30,8 @@ from typing import Any
 
 import aiosmtplib
 
-from relay import hints as H
-from relay.errors import TokenError
-from relay.hints import (
+from relay.delivery import hints as H
+from relay.delivery.hints import (
     GRAPH_ACCESS_DENIED_HINT,
     GRAPH_AUDIENCE_HINT,
     GRAPH_PERMISSION_HINT,
@@ -42,6 +41,7 @@ from relay.hints import (
     Hint,
     hint_for_aadsts,
 )
+from relay.errors import TokenError
 from relay.text import one_line
 
 __all__ = [
@@ -134,7 +134,7 @@ class Rule:
 
     ``enhanced`` entries match exactly, or as a prefix when they end in ``.`` (``"5.1."``); ``""``
     matches a reply without one; ``tokens`` are lower-case substrings of the reply text. ``hint``
-    (worded in relay.hints) is what an admin must do when this rule decides.
+    (worded in relay.delivery.hints) is what an admin must do when this rule decides.
     """
 
     action: Action

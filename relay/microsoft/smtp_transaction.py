@@ -1,7 +1,7 @@
 """One mail transaction on an authenticated session, step by step or in one flight.
 
 aiosmtplib connects, runs STARTTLS and AUTH; this module runs MAIL / RCPT / DATA (or BDAT) on the
-session it made. Two ways, one interface (:class:`Transaction`), so :mod:`relay.upstream` classifies
+session it made. Two ways, one interface (:class:`Transaction`), so :mod:`relay.microsoft.upstream` classifies
 every reply with the same code whichever way it travelled:
 
 * :class:`StepByStep`: aiosmtplib's commands, one round trip per command (and DATA's two).

@@ -15,8 +15,8 @@ its tail cannot be taken for the end of the data.
 
 Header work is bounded: the header block is judged once, when it ends; the common From shapes are
 judged in microseconds on the event loop, anything else in a worker thread (see
-:func:`relay.rewrite.is_simple_address_field`), and the address parsers never see a field longer
-than :data:`relay.rewrite.MAX_ADDRESS_FIELD`.
+:func:`relay.intake.rewrite.is_simple_address_field`), and the address parsers never see a field longer
+than :data:`relay.intake.rewrite.MAX_ADDRESS_FIELD`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay.errors import SpoolError, SpoolFull
-from relay.policy import HeaderDecision, Refusal
-from relay.replies import (
+from relay.intake.policy import HeaderDecision, Refusal
+from relay.intake.replies import (
     INTERNAL_ERROR,
     SPOOL_ERROR,
     SPOOL_FULL,
@@ -40,7 +40,7 @@ from relay.replies import (
     line_too_long,
     message_too_big,
 )
-from relay.rewrite import (
+from relay.intake.rewrite import (
     HeaderRewriter,
     drop_fields,
     field_name,

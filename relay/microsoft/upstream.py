@@ -7,7 +7,7 @@ the message was sent yet; one whose token is about to expire is closed rather th
 
 :meth:`Submitter.submit` runs MAIL / RCPT / DATA itself instead of ``sendmail()`` so that every reply
 is classified with the stage it belongs to, and per-recipient answers are kept per recipient; the
-transaction goes in one flight when Exchange offers PIPELINING (and BDAT), see relay.smtp_transaction.
+transaction goes in one flight when Exchange offers PIPELINING (and BDAT), see relay.microsoft.smtp_transaction.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import aiosmtplib
 
-from relay import smtp_transaction
-from relay.classify import (
+from relay.config import AppSettings
+from relay.delivery.classify import (
     Action,
     Outcome,
     Scope,
@@ -37,11 +37,11 @@ from relay.classify import (
     classify_reply,
     timeout_text,
 )
-from relay.config import AppSettings
 from relay.envelope import Envelope, Route
 from relay.errors import TokenError
 from relay.fleet import FleetWait
-from relay.tokens import Token, TokenProvider
+from relay.microsoft import smtp_transaction
+from relay.microsoft.tokens import Token, TokenProvider
 
 if TYPE_CHECKING:
     from relay.fleet import Fleet
@@ -220,7 +220,7 @@ class SessionPool:
 class Submitter:
     """Submits one message (already routed) to Exchange over SMTP and says what happened.
 
-    The SMTP transport only: :class:`relay.transport.Dispatcher` chooses between it and Graph, checks
+    The SMTP transport only: :class:`relay.microsoft.transport.Dispatcher` chooses between it and Graph, checks
     that the route's app is still configured and holds the mailbox's slot around the attempt."""
 
     def __init__(self, pool: SessionPool, apps: dict[str, AppSettings], tokens: dict[str, TokenProvider]) -> None:
@@ -277,7 +277,7 @@ class Submitter:
                 stage = Stage.MAIL
                 try:
                     options = [o for o in envelope.mail_options if _supported(session.smtp, o)]
-                    # In one flight when Exchange offers PIPELINING (relay.smtp_transaction).
+                    # In one flight when Exchange offers PIPELINING (relay.microsoft.smtp_transaction).
                     txn = smtp_transaction.begin(session.smtp, route.sender, options, rcpts, body, encoding,
                                                  self.pool.timeout, pipeline=self.pipeline)
                     await txn.start()

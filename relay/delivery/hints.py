@@ -213,7 +213,7 @@ def hint_for_aadsts(code: int | None, description: str) -> str:
 @dataclass(frozen=True)
 class Hint:
     """What an admin must do about one kind of Exchange reply; the classifier's rules carry it
-    (:data:`relay.classify.RULES`). ``extras``: (lower-case token, sentence) pairs; the sentence of the
+    (:data:`relay.delivery.classify.RULES`). ``extras``: (lower-case token, sentence) pairs; the sentence of the
     first token found in the reply text is appended."""
 
     text: str

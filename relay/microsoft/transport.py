@@ -1,7 +1,7 @@
 """The transport of each delivery attempt, chosen in one place.
 
-A mailbox with ``transport: graph`` sends through Microsoft Graph (:class:`relay.graph.GraphSender`),
-every other one over SMTP (:class:`relay.upstream.Submitter`); a message too big for Graph goes by
+A mailbox with ``transport: graph`` sends through Microsoft Graph (:class:`relay.microsoft.graph.GraphSender`),
+every other one over SMTP (:class:`relay.microsoft.upstream.Submitter`); a message too big for Graph goes by
 SMTP when the mailbox says ``fallback_smtp: true`` (Graph hands it back). The transport is the
 mailbox's as configured now, not when the message arrived. Whichever transport sends, the attempt
 holds one of the mailbox's slots (Exchange allows 3 SMTP sessions per mailbox, Graph 4 concurrent
@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from relay.classify import Action, Outcome, Scope, Verdict
+from relay.delivery.classify import Action, Outcome, Scope, Verdict
 from relay.envelope import Envelope, Route
-from relay.graph import GraphSender
-from relay.upstream import Submitter
+from relay.microsoft.graph import GraphSender
+from relay.microsoft.upstream import Submitter
 
 __all__ = ["Dispatcher"]
 
