@@ -18,13 +18,12 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 
 from relay.config import Settings, load_settings, load_warnings, open_relay_problem, parse_host_port
 from relay.delivery.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
-from relay.delivery.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
 from relay.delivery.scheduler import Delivery
 from relay.envelope import Envelope, Route
 from relay.errors import ConfigError, ListenError, SpoolError, SpoolFull, TokenError
@@ -37,13 +36,15 @@ from relay.intake.listener import (
     start_listener,
 )
 from relay.intake.policy import Policy
-from relay.microsoft.graph import GraphSender
 from relay.microsoft.tokens import Token, TokenProviders
 from relay.microsoft.transport import Dispatcher
 from relay.microsoft.upstream import SessionPool, Submitter, tls_context_for
 from relay.observability import HealthServer, Metrics
 from relay.queue.committer import GroupCommitter
 from relay.queue.spool import BodyWriter, Entry, Spool, State, StoreRequest
+
+if TYPE_CHECKING:
+    from relay.microsoft.graph import GraphSender
 
 log = logging.getLogger("relay.service")
 
@@ -132,8 +133,12 @@ class Relay:
                                 timeout=settings.delivery.timeout, idle_close=idle_close)
         providers = {p.app.name: p for p in self.tokens}
         # Microsoft Graph (sendMail) for mailboxes with ``transport: graph``; SMTP for the others.
-        self.graph = (GraphSender.from_settings(settings, providers, environ=self.environ)
-                      if any(m.transport == "graph" for m in settings.mailboxes) else None)
+        # Imported only then: a relay without Graph mailboxes does not carry its code.
+        self.graph: GraphSender | None = None
+        if any(m.transport == "graph" for m in settings.mailboxes):
+            from relay.microsoft.graph import GraphSender
+
+            self.graph = GraphSender.from_settings(settings, providers, environ=self.environ)
         self.submitter = Dispatcher(Submitter(self.pool, {a.name: a for a in settings.apps}, providers),
                                     self._connections_for, graph=self.graph)
         self.committer = GroupCommitter(self.spool)
@@ -224,6 +229,9 @@ class Relay:
         dsn = self.settings.delivery.dsn
         if not (dsn.to_sender or dsn.admin):
             return
+        # The email package's MIME classes, only once a message has died (rare): not at start.
+        from relay.delivery.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
+
         try:
             headers = await asyncio.to_thread(read_headers, self.spool.body_path(entry.id))
         except OSError:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay.delivery.classify import Action, Outcome, Scope, Verdict
 from relay.envelope import Envelope, Route
-from relay.microsoft.graph import GraphSender
 from relay.microsoft.upstream import Submitter
+
+if TYPE_CHECKING:  # loaded by the service only when a mailbox sends through Graph
+    from relay.microsoft.graph import GraphSender
 
 __all__ = ["Dispatcher"]
 
