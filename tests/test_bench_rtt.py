@@ -2,11 +2,13 @@
 
 The latencies of a short run on a shared machine are noise and are not asserted; the round trips per
 message are exact (counted by the simulated Exchange): 4 for direct aiosmtplib, 1 with CHUNKING,
-2 with PIPELINING only, 4 with neither.
+2 with PIPELINING only, 4 with neither, and 4 through email-oauth2-proxy (it relays each command
+as it comes) when ``emailproxy`` is installed; without it, its row says it was skipped and why.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,13 @@ def test_bench_rtt_runs_and_counts_round_trips(tmp_path: Path) -> None:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 7 and cells[1] == "3":
             trips[cells[0]] = cells[4]
+    peer = ({"email-oauth2-proxy, reused client connection": "4",
+             "email-oauth2-proxy, connection per message": "4"}
+            if importlib.util.find_spec("emailproxy") is not None else {})
+    if not peer:
+        assert "| email-oauth2-proxy | skipped: email-oauth2-proxy is not installed" in proc.stdout, proc.stdout
     assert trips == {
+        **peer,
         "direct aiosmtplib, reused session": "4",
         "direct aiosmtplib, session per message": "4",
         "relay sync (CHUNKING), reused client connection": "1",
