@@ -296,7 +296,7 @@ class Relay:
         holds = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint}
                  for b in self.delivery.holds()]
         # A paused app (its token endpoint or Exchange does not answer) moves no mail either.
-        pauses = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply,
+        pauses = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint,
                    "seconds_left": round(b.until - self.clock(), 1)} for b in self.delivery.app_pauses()]
         listening = bool(self.servers) and all(s.is_serving() for s in self.servers)
         writable = self.spool.writable()

@@ -38,6 +38,7 @@ from relay.delivery.hints import (
     GRAPH_USER_HINT,
     NOT_SUPPORTED_HINT,
     TLS_VERIFY_HINT,
+    UNREACHABLE_HINT,
     Hint,
     hint_for_aadsts,
 )
@@ -432,15 +433,24 @@ def classify_exception(exc: BaseException, stage: Stage) -> Verdict:
         if "smtputf8" in exc.message.lower():
             return Verdict(A.FAILED, "not_supported", _smtp_text(exc), S.MESSAGE)
         return Verdict(A.HOLD, "not_supported", _smtp_text(exc), S.APP, hint=NOT_SUPPORTED_HINT)
+    # Before MAIL the session belongs to no message: a host that is silent, refuses or cannot be
+    # resolved fails every message of the app the same way (the host is the app's smtp_host), so the
+    # app is paused (docs/exchange.md, "Reply codes": pause) instead of each message waiting out its timeout.
+    host_down = stage in _PRE_MAIL
+    where, hint = (S.APP, UNREACHABLE_HINT) if host_down else (S.MESSAGE, "")
     if isinstance(exc, TimeoutError):  # asyncio.TimeoutError, SMTPTimeoutError, SMTPConnectTimeoutError
         text = _smtp_text(exc) if isinstance(exc, aiosmtplib.SMTPException) else "timeout"
-        return Verdict(A.RETRY, "timeout", text, S.MESSAGE)
-    if isinstance(exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPConnectError):
+        return Verdict(A.RETRY, "timeout", text, where, hint=hint)
+    if isinstance(exc, aiosmtplib.SMTPConnectError):
+        return Verdict(A.RETRY, "connection", _smtp_text(exc), where, hint=hint)
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return Verdict(A.RETRY, "connection", _smtp_text(exc), S.MESSAGE)
     if isinstance(exc, aiosmtplib.SMTPException):
         return Verdict(A.RETRY, "transient", _smtp_text(exc), S.MESSAGE)
-    if isinstance(exc, OSError):  # ConnectionError, socket.gaierror, ...
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
         return Verdict(A.RETRY, "connection", _oserror_text(exc), S.MESSAGE)
+    if isinstance(exc, OSError):  # refused, unreachable, socket.gaierror, ...
+        return Verdict(A.RETRY, "connection", _oserror_text(exc), where, hint=hint)
     return Verdict(A.RETRY, "internal_error", _clean(f"unexpected {type(exc).__name__}"), S.MESSAGE)
 
 
