@@ -42,7 +42,7 @@ from relay.delivery.hints import (
     Hint,
     hint_for_aadsts,
 )
-from relay.errors import TokenError
+from relay.errors import TokenError, exception_chain
 from relay.text import one_line
 
 __all__ = [
@@ -331,15 +331,6 @@ def classify_recipients(exc: aiosmtplib.SMTPRecipientsRefused) -> dict[str, Verd
 _SEVERITY = {A.HOLD: 3, A.RETRY: 2, A.FAILED: 1, A.DELIVERED: 0}
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """exc, its __cause__/__context__, ... (bounded, loop-safe)."""
-    out: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and len(out) < 8 and all(cur is not e for e in out):
-        out.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return out
-
 
 def _oserror_text(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, "") if isinstance(exc.errno, int) else ""
@@ -405,7 +396,7 @@ def classify_exception(exc: BaseException, stage: Stage) -> Verdict:
             return classify_reply(exc.code, exc.message, stage)
         return Verdict(A.RETRY, "transient", _smtp_text(exc), S.MESSAGE, code=None)
 
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
             detail = (
