@@ -46,7 +46,7 @@ from relay.microsoft.exchange_setup import admin_consent_url
 from relay.microsoft.graph import check_graph_claims
 from relay.microsoft.tokens import Token, TokenProvider, build_http_session, host_of, http_failure
 from relay.microsoft.upstream import tls_context_for
-from relay.queue.spool import running_user, writable_problem
+from relay.queue.problems import running_user, writable_problem
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
