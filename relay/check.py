@@ -567,7 +567,7 @@ def _check_listener_tls(settings: Settings, file: str, checks: Checklist) -> Non
     """The listeners' certificate and key load (serve would stop at start otherwise)."""
     if settings.tls is None:
         return
-    from relay.service import listener_tls
+    from relay.intake.tls import listener_tls
 
     try:
         listener_tls(settings, file)

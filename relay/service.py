@@ -30,13 +30,10 @@ from relay.envelope import Envelope, Route
 from relay.errors import ConfigError, ListenError, SpoolError, SpoolFull, TokenError
 from relay.fleet import Fleet
 from relay.intake.data import BodySink
-from relay.intake.listener import (
-    AuthLimiter,
-    ListenerState,
-    make_server_tls_context,
-    start_listener,
-)
+from relay.intake.limits import AuthLimiter
+from relay.intake.listener import ListenerState, start_listener
 from relay.intake.policy import Policy
+from relay.intake.tls import listener_tls
 from relay.microsoft.graph import GraphSender
 from relay.microsoft.tokens import Token, TokenProviders
 from relay.microsoft.transport import Dispatcher
@@ -64,21 +61,6 @@ def _bind_problem(exc: OSError) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"{reason} (no interface of this host has that address)"
     return reason
-
-
-def listener_tls(settings: Settings, config_file: str) -> ssl.SSLContext | None:
-    """The listeners' TLS context, or None without ``tls:``. A certificate or key that cannot be
-    loaded is a configuration error naming the key (not a traceback at start)."""
-    if settings.tls is None:
-        return None
-    cert, key = settings.tls.cert_file, settings.tls.key_file
-    try:
-        return make_server_tls_context(str(cert), str(key), settings.tls.min_version)
-    except (OSError, ssl.SSLError) as exc:
-        reason = (exc.reason if isinstance(exc, ssl.SSLError) else None) or exc.strerror or str(exc)
-        raise ConfigError(config_file, "tls.cert_file",
-                          f"cannot load the certificate {cert} with the key {key}: {reason}; both must be PEM "
-                          "files readable by the relay's user, and the key must belong to the certificate") from None
 
 
 class ReloadRefused(ConfigError):

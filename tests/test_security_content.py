@@ -59,7 +59,7 @@ PAYLOADS = {
 
 def assert_nothing_left(relay: RelayThread, fds_before: int) -> None:
     state = relay.relay.listener_state
-    wait_until(lambda: state.connections == 0, 10, "connections to close")
+    wait_until(lambda: state.connections.open == 0, 10, "connections to close")
     tmp = relay.relay.spool.tmp_dir
     wait_until(lambda: not any(tmp.iterdir()), 10, f"spool tmp files to go: {list(tmp.iterdir())}")
     wait_until(lambda: open_fds() <= fds_before, 10, "descriptors to be closed")

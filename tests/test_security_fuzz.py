@@ -170,7 +170,7 @@ class FuzzTarget:
         # Exchange's 250, the spool records it just after): wait for the count to settle.
         wait_until(lambda: self.at_exchange() + self.in_spool() == before + accepted, 20, "accepted messages")
         assert self.at_exchange() + self.in_spool() == before + accepted
-        wait_until(lambda: self.relay.relay.listener_state.connections == 0, 20, "connections to close")
+        wait_until(lambda: self.relay.relay.listener_state.connections.open == 0, 20, "connections to close")
         self.check_still_serving()
 
     def check_still_serving(self) -> None:

@@ -88,6 +88,9 @@ def test_each_refusal_text_exists_once(name: str) -> None:
 #: Shared by every stage; imports only its own kind.
 FOUNDATION = {"relay.config", "relay.envelope", "relay.errors", "relay.observability", "relay.text",
               "relay.blocking", "relay.fleet"}
+#: The config package, one module per job (``relay.config`` re-exports what the stages import).
+FOUNDATION |= {f"relay.config.{name}" for name in (
+    "values", "clouds", "apps", "sections", "networks", "settings", "resolve", "problems", "loading")}
 #: The stages in the order mail flows through them. A stage may import the foundation, itself and the
 #: stages before it (the shapes they produce), never a later one: hand-offs forward go through
 #: protocols that the service wires (docs/architecture.md, "Layout").
