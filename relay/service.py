@@ -140,12 +140,12 @@ class Relay:
         self.delivery = Delivery(settings, self.spool, self.submitter, self.metrics, clock=clock,
                                  committer=self.committer,
                                  sleep=sleep, probe=self.probe)
-        self.delivery.on_dead = self.notify_dead
+        self.delivery.attempts.on_dead = self.notify_dead
         #: Optional: the mailboxes' limits shared with other relays through Redis (fleet: in the config).
         self.fleet: Fleet | None = None
         if settings.fleet is not None:
-            self.fleet = Fleet(settings.fleet, self.delivery.configured_limits, metrics=self.metrics)
-            self.fleet.on_blocks = self.delivery.fleet_blocks
+            self.fleet = Fleet(settings.fleet, self.delivery.pacing.configured_limits, metrics=self.metrics)
+            self.fleet.on_blocks = self.delivery.held.fleet_blocks
             self.fleet.on_state = self._fleet_state
             self.pool.fleet = self.fleet
             self.delivery.fleet = self.fleet
@@ -294,10 +294,10 @@ class Relay:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         holds = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint}
-                 for b in self.delivery.holds()]
+                 for b in self.delivery.held.holds()]
         # A paused app (its token endpoint or Exchange does not answer) moves no mail either.
         pauses = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply,
-                   "seconds_left": round(b.until - self.clock(), 1)} for b in self.delivery.app_pauses()]
+                   "seconds_left": round(b.until - self.clock(), 1)} for b in self.delivery.held.app_pauses()]
         listening = bool(self.servers) and all(s.is_serving() for s in self.servers)
         writable = self.spool.writable()
         ok = listening and writable and not holds and not pauses

@@ -43,7 +43,7 @@ Starter = Callable[..., RelayThread]
 
 def _fast_probes(relay: RelayThread) -> None:
     # TODO(lead): config key delivery.probe_interval; until then the knob is set directly.
-    relay.relay.delivery.probe_interval = 0.2
+    relay.relay.delivery.held.probe_interval = 0.2
 
 
 @pytest.fixture
@@ -227,7 +227,7 @@ def test_submission_quota_is_deferred_about_an_hour_not_bounced(start: Starter, 
     m365.set_quota_exhausted(STANDARD_MAILBOX, False)
 
     async def admin_retry() -> None:  # what `queue retry` does, plus the end of the mailbox's pause
-        relay.relay.delivery.release("mailbox", STANDARD_MAILBOX)
+        relay.relay.delivery.held.release("mailbox", STANDARD_MAILBOX)
         spool_of(relay).retry(id)
         relay.relay.delivery.wake()
 
