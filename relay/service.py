@@ -146,7 +146,7 @@ class Relay:
         if settings.fleet is not None:
             self.fleet = Fleet(settings.fleet, self.delivery.pacing.configured_limits, metrics=self.metrics)
             self.fleet.on_blocks = self.delivery.held.fleet_blocks
-            self.fleet.on_state = self._fleet_state
+            self.fleet.link.on_state = self._fleet_state
             self.pool.fleet = self.fleet
             self.delivery.fleet = self.fleet
         self.listener_state = ListenerState(
@@ -305,8 +305,8 @@ class Relay:
                                   "pauses": pauses}
         if self.fleet is not None:
             # Redis away does not make the relay unready: mail flows on the fallback share.
-            detail["fleet"] = {"connected": self.fleet.connected, "instance": self.fleet.instance_id,
-                               "limits": "shared" if self.fleet.connected else "fallback share"}
+            detail["fleet"] = {"connected": self.fleet.link.connected, "instance": self.fleet.instance_id,
+                               "limits": "shared" if self.fleet.link.connected else "fallback share"}
         return ok, detail
 
     def refresh_gauges(self) -> None:

@@ -87,7 +87,8 @@ def test_each_refusal_text_exists_once(name: str) -> None:
 # ---------------------------------------------------------------------------------------- layers
 #: Shared by every stage; imports only its own kind.
 FOUNDATION = {"relay.config", "relay.envelope", "relay.errors", "relay.observability", "relay.text",
-              "relay.blocking", "relay.fleet"}
+              "relay.blocking", "relay.fleet", "relay.fleet.client", "relay.fleet.link", "relay.fleet.scripts",
+              "relay.fleet.status"}
 #: The stages in the order mail flows through them. A stage may import the foundation, itself and the
 #: stages before it (the shapes they produce), never a later one: hand-offs forward go through
 #: protocols that the service wires (docs/architecture.md, "Layout").

@@ -171,7 +171,7 @@ class SessionPool:
         session.last_used = self._clock()
         fleet = self.fleet
         if fleet is not None and (fleet.wanted(session.mailbox) or self.open_sessions(session.mailbox) > (
-                fleet.session_share(fleet.limits(session.mailbox)[0]))):
+                fleet.link.session_share(fleet.limits(session.mailbox)[0]))):
             # Another relay waits for a slot of this mailbox, or more are open than this relay's share
             # while Redis is away: close rather than keep it idle.
             self.discard(session)
