@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from relay.testing.hostile_content import STALL_PAYLOADS, noop_latency_under_attack
 from relay.testing.m365 import SimulatedM365
-from tests.test_security_content import STALL_PAYLOADS, noop_latency_under_attack
 
 
 def main() -> int:

@@ -21,9 +21,9 @@ from relay.observability import HEALTH_MAX_CONNECTIONS, HealthServer, Metrics
 from relay.service import ReloadRefused
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, wait_until, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from relay.testing.smtp_client import RawSMTP, plain_blob, simple_body
 from tests.conftest import RelayFactory
 from tests.fakeclock import FakeClock
-from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 
