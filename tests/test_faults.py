@@ -76,7 +76,8 @@ def send(port: int, raw: bytes, rcpts: tuple[str, ...] = ("someone@fabrikam.exam
         try:
             code, resp = client.data(raw)
         except smtplib.SMTPDataError as refused:  # refused at DATA itself (e.g. 452: spool full)
-            return refused.smtp_code, refused.smtp_error.decode()
+            error = refused.smtp_error
+            return refused.smtp_code, error.decode() if isinstance(error, bytes) else error
         return code, resp.decode()
 
 

@@ -511,7 +511,7 @@ async def test_the_documented_acl_is_enough_and_confines_the_relay(redis_server:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "fleet.md").read_text()
     (line,) = [ln.strip() for ln in doc.splitlines() if ln.strip().startswith("ACL SETUSER")]
     admin = sync_redis.Redis.from_url(redis_server.url)
-    admin.execute_command(*line.replace("REDIS-PASSWORD", "acl-pw-7").split())
+    admin.execute_command(*line.replace("REDIS-PASSWORD", "acl-pw-7").split())  # type: ignore[no-untyped-call]
     admin.close()
     url = redis_server.url.replace("redis://", "redis://relay@")
     settings = FleetSettings.model_validate({"redis": url, "password": "acl-pw-7", "instance_id": "acl",

@@ -72,7 +72,7 @@ def test_no_smuggling_through_a_failing_header_check(relay: RelayThread, m365: S
     def broken(*_args: object) -> object:
         raise AttributeError("'Group' object has no attribute 'local_part'")
 
-    relay.relay.listener_state.policy.header_from = broken  # type: ignore[method-assign]
+    relay.relay.listener_state.policy.header_from = broken  # type: ignore[assignment]
     fds_before = open_fds()
     with RawSMTP(relay.port) as c:
         c.ehlo()

@@ -16,6 +16,7 @@ import pytest
 
 import relay.intake.listener
 from relay.config import settings_from_dict
+from relay.intake import passwords
 from relay.intake.listener import AuthLimiter, RelayHandler, RelaySMTP
 from relay.observability import HEALTH_MAX_CONNECTIONS, HealthServer, Metrics
 from relay.service import ReloadRefused
@@ -105,7 +106,7 @@ class Checks:
 
 @pytest.fixture
 def checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Checks]:
-    real = relay.intake.listener.verify_password
+    real = passwords.verify_password  # the listener calls it under this name
     c = Checks()
 
     def counted(password: str, hashed: str) -> bool:

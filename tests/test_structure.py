@@ -47,7 +47,7 @@ def test_only_demo_and_cli_import_the_simulator(module: str) -> None:
 
 def private_imports() -> list[str]:
     """``module: from relay.x import _name`` for every private name one relay module takes from another."""
-    found = []
+    found: list[str] = []
     for path in sorted(RELAY.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("relay"):
