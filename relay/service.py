@@ -24,7 +24,7 @@ import aiosmtplib
 
 from relay.config import Settings, load_settings, load_warnings, open_relay_problem, parse_host_port
 from relay.delivery.classify import Action, Scope, Stage, Verdict, classify_exception, classify_reply
-from relay.delivery.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
+from relay.delivery.dsn import build_dsn, dsn_recipients, dsn_route, read_headers
 from relay.delivery.scheduler import Delivery
 from relay.envelope import Envelope, Route
 from relay.errors import ConfigError, ListenError, SpoolError, SpoolFull, TokenError
@@ -229,12 +229,8 @@ class Relay:
         except OSError:
             headers = b""
         # Off the event loop: the header block is whatever the client sent (up to 256 KiB).
-        automatic = await asyncio.to_thread(is_automatic, headers)
-        targets: list[str] = []
-        if dsn.to_sender and await asyncio.to_thread(dsn_allowed, entry.envelope, headers):
-            targets.append(entry.envelope.mail_from)
-        if dsn.admin and not automatic and dsn.admin not in targets:
-            targets.append(dsn.admin)
+        targets = await asyncio.to_thread(dsn_recipients, entry.envelope, headers, to_sender=dsn.to_sender,
+                                          admin=dsn.admin)
         if not targets:
             return
         failed = dict(entry.recipients_failed) or {r: entry.last_reply or reason for r in entry.pending_recipients}
@@ -296,7 +292,7 @@ class Relay:
         holds = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint}
                  for b in self.delivery.held.holds()]
         # A paused app (its token endpoint or Exchange does not answer) moves no mail either.
-        pauses = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply,
+        pauses = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint,
                    "seconds_left": round(b.until - self.clock(), 1)} for b in self.delivery.held.app_pauses()]
         listening = bool(self.servers) and all(s.is_serving() for s in self.servers)
         writable = self.spool.writable()

@@ -41,18 +41,13 @@ TEMPORARY = "451 4.7.0 Temporary server error. Please try again later. PRX2"
 Starter = Callable[..., RelayThread]
 
 
-def _fast_probes(relay: RelayThread) -> None:
-    # TODO(lead): config key delivery.probe_interval; until then the knob is set directly.
-    relay.relay.delivery.held.probe_interval = 0.2
-
-
 @pytest.fixture
 def start(relay_factory: RelayFactory) -> Starter:
     """``start(section=overrides)``: a relay in a thread with fast retries and probes (0.2 s)."""
 
     def make(**overrides: Any) -> RelayThread:
-        delivery = {"retry": FAST_RETRY, **overrides.pop("delivery", {})}
-        return relay_factory(delivery=delivery, prepare=_fast_probes, **overrides)
+        delivery = {"retry": FAST_RETRY, "probe_interval": 0.2, **overrides.pop("delivery", {})}
+        return relay_factory(delivery=delivery, **overrides)
 
     return make
 

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from relay.config import Settings, load_settings
-from relay.queue.spool import Spool, running_user
+from relay.queue.problems import running_user
+from relay.queue.spool import Spool
 from relay.testing.harness import RelayProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

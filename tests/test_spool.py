@@ -23,7 +23,8 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError, SpoolFull
-from relay.queue.spool import BodyWriter, Entry, Spool, State, new_queue_id
+from relay.queue.entries import new_queue_id
+from relay.queue.spool import BodyWriter, Entry, Spool, State
 from tests.fakeclock import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]

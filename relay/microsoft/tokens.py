@@ -37,7 +37,7 @@ import requests
 
 from relay.blocking import call_with_deadline
 from relay.config import AppSettings
-from relay.errors import ConfigError, TokenError
+from relay.errors import ConfigError, TokenError, exception_chain
 
 log = logging.getLogger("relay.tokens")
 
@@ -184,14 +184,6 @@ class _ScopeState:
     refresh_task: asyncio.Task[None] | None = None
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and len(out) < 10 and all(cur is not e for e in out):
-        out.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return out
-
 
 def http_failure(app: str, exc: requests.RequestException, url: str, timeout: float,
                  proxy: str | None = None) -> TokenError:
@@ -204,7 +196,7 @@ def http_failure(app: str, exc: requests.RequestException, url: str, timeout: fl
     host = host_of(url)
     within = _seconds(timeout)
     via = f" through the proxy {host_of(proxy)}" if proxy else ""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     texts = " | ".join(str(e).lower() for e in chain)
     if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
         return TokenError(app, "tls_verification_failed",
