@@ -122,13 +122,13 @@ class Relay:
         self.delivery = Delivery(settings, self.spool, self.submitter, self.metrics, clock=clock,
                                  committer=self.committer,
                                  sleep=sleep, probe=self.probe)
-        self.delivery.on_dead = self.notify_dead
+        self.delivery.attempts.on_dead = self.notify_dead
         #: Optional: the mailboxes' limits shared with other relays through Redis (fleet: in the config).
         self.fleet: Fleet | None = None
         if settings.fleet is not None:
-            self.fleet = Fleet(settings.fleet, self.delivery.configured_limits, metrics=self.metrics)
-            self.fleet.on_blocks = self.delivery.fleet_blocks
-            self.fleet.on_state = self._fleet_state
+            self.fleet = Fleet(settings.fleet, self.delivery.pacing.configured_limits, metrics=self.metrics)
+            self.fleet.on_blocks = self.delivery.held.fleet_blocks
+            self.fleet.link.on_state = self._fleet_state
             self.pool.fleet = self.fleet
             self.delivery.fleet = self.fleet
         self.listener_state = ListenerState(
@@ -272,10 +272,10 @@ class Relay:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         holds = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint}
-                 for b in self.delivery.holds()]
+                 for b in self.delivery.held.holds()]
         # A paused app (its token endpoint or Exchange does not answer) moves no mail either.
         pauses = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint,
-                   "seconds_left": round(b.until - self.clock(), 1)} for b in self.delivery.app_pauses()]
+                   "seconds_left": round(b.until - self.clock(), 1)} for b in self.delivery.held.app_pauses()]
         listening = bool(self.servers) and all(s.is_serving() for s in self.servers)
         writable = self.spool.writable()
         ok = listening and writable and not holds and not pauses
@@ -283,8 +283,8 @@ class Relay:
                                   "pauses": pauses}
         if self.fleet is not None:
             # Redis away does not make the relay unready: mail flows on the fallback share.
-            detail["fleet"] = {"connected": self.fleet.connected, "instance": self.fleet.instance_id,
-                               "limits": "shared" if self.fleet.connected else "fallback share"}
+            detail["fleet"] = {"connected": self.fleet.link.connected, "instance": self.fleet.instance_id,
+                               "limits": "shared" if self.fleet.link.connected else "fallback share"}
         return ok, detail
 
     def refresh_gauges(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
+from typing import Any
 
 from relay.delivery.dsn import build_dsn, dsn_recipients, is_automatic
 from relay.envelope import Envelope
@@ -47,7 +48,7 @@ def test_no_dsn_for_null_sender_or_automatic_mail() -> None:
     head = dsn.split(b"\r\n\r\n", 1)[0]
     assert is_automatic(head)
     sender = Envelope("a@b.c", ("x@y.z",))
-    both = {"to_sender": True, "admin": "postmaster@b.c"}
+    both: dict[str, Any] = {"to_sender": True, "admin": "postmaster@b.c"}
     assert dsn_recipients(sender, head, **both) == []  # a DSN is never answered, not even to the admin
     assert dsn_recipients(Envelope("", ("x@y.z",)), b"From: a@b.c\r\n\r\n", **both) == ["postmaster@b.c"]
     assert dsn_recipients(sender, b"Auto-Submitted: auto-generated\r\n\r\n", **both) == []

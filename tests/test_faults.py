@@ -71,7 +71,8 @@ def send(port: int, raw: bytes, rcpts: tuple[str, ...] = ("someone@fabrikam.exam
         try:
             code, resp = client.data(raw)
         except smtplib.SMTPDataError as refused:  # refused at DATA itself (e.g. 452: spool full)
-            return refused.smtp_code, refused.smtp_error.decode()
+            error = refused.smtp_error
+            return refused.smtp_code, error.decode() if isinstance(error, bytes) else error
         return code, resp.decode()
 
 
@@ -222,7 +223,7 @@ def test_submission_quota_is_deferred_about_an_hour_not_bounced(start: Starter, 
     m365.set_quota_exhausted(STANDARD_MAILBOX, False)
 
     async def admin_retry() -> None:  # what `queue retry` does, plus the end of the mailbox's pause
-        relay.relay.delivery.release("mailbox", STANDARD_MAILBOX)
+        relay.relay.delivery.held.release("mailbox", STANDARD_MAILBOX)
         spool_of(relay).retry(id)
         relay.relay.delivery.wake()
 

@@ -16,15 +16,16 @@ import pytest
 
 import relay.intake.auth
 from relay.config import settings_from_dict
+from relay.intake import passwords
 from relay.intake.limits import AuthLimiter
 from relay.intake.listener import RelayHandler, RelaySMTP
 from relay.observability import HEALTH_MAX_CONNECTIONS, HealthServer, Metrics
 from relay.service import ReloadRefused
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, wait_until, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from relay.testing.smtp_client import RawSMTP, plain_blob, simple_body
 from tests.conftest import RelayFactory
 from tests.fakeclock import FakeClock
-from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 
@@ -106,7 +107,7 @@ class Checks:
 
 @pytest.fixture
 def checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Checks]:
-    real = relay.intake.auth.verify_password
+    real = passwords.verify_password  # relay.intake.auth calls it under this name
     c = Checks()
 
     def counted(password: str, hashed: str) -> bool:

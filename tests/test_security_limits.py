@@ -9,9 +9,9 @@ from relay.intake import replies as R
 from relay.intake.limits import Admitted, AuthLimiter, Connections
 from relay.testing.harness import RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from relay.testing.smtp_client import RawSMTP, plain_blob, simple_body
 from tests.conftest import RelayFactory
 from tests.fakeclock import FakeClock
-from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 FAST_TARPIT = {"delay": 0.001, "max_delay": 0.005}

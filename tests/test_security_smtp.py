@@ -14,8 +14,8 @@ import pytest
 
 from relay.testing.harness import RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, STANDARD_SEND_AS, SimulatedM365
+from relay.testing.smtp_client import RawSMTP, assert_clean_reply, plain_blob, simple_body
 from tests.conftest import RelayFactory
-from tests.smtp_client import RawSMTP, assert_clean_reply, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 

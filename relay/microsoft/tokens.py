@@ -268,7 +268,6 @@ class TokenProvider:
         self._scopes: dict[str, _ScopeState] = {self.default_scope: _ScopeState()}
         self.requests = 0  # token requests that reached (or tried to reach) Entra ID, all scopes
         self.failures = 0
-        self.last_error: TokenError | None = None
         self.on_acquired: Callable[[Token], None] | None = None
         self.on_failed: Callable[[TokenError], None] | None = None
 
@@ -292,11 +291,6 @@ class TokenProvider:
     @property
     def current(self) -> Token:
         return self._token
-
-    def current_for(self, scope: str | None = None) -> Token:
-        """The token held for ``scope`` (default: the SMTP scope), usable or not."""
-        state = self._scopes.get(scope or self.default_scope)
-        return state.token if state is not None else Token()
 
     def _state(self, scope: str | None) -> tuple[str, _ScopeState]:
         key = scope or self.default_scope
@@ -364,7 +358,6 @@ class TokenProvider:
                                  f"{_seconds(self.app.timeout)}", transient=True) from None
         except TokenError as exc:
             self.failures += 1
-            self.last_error = exc
             log.warning("token request failed: %s", exc.description, extra={
                 "event": "token_failed", "app": self.app.name, "error": exc.error,
                 "endpoint": host_of(self.app.effective_authority_host), "transient": exc.transient,
@@ -374,7 +367,6 @@ class TokenProvider:
             raise
         token = self._token_from(result)
         state.token = token
-        self.last_error = None
         if self.on_acquired:
             self.on_acquired(token)
         log.info("token acquired", extra={
