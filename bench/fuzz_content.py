@@ -2,10 +2,11 @@
 
     python bench/fuzz_content.py --examples 5000 [--seed N]
 
-Runs the header-block strategy and the checks of tests/test_security_content.py against one relay +
-simulated Microsoft 365 on loopback: exactly one reply per DATA within 1 s, the session still in step
-(NOOP), at most the one meant message at Exchange (never the one hidden in the body), no body file or
-descriptor left behind. Exit status 0 when no falsifying example was found; prints a summary either way.
+Runs the header-block strategy and the checks of relay/testing/hostile_content.py (the CI test is
+tests/test_security_content.py) against one relay + simulated Microsoft 365 on loopback: exactly one
+reply per DATA within 1 s, the session still in step (NOOP), at most the one meant message at
+Exchange (never the one hidden in the body), no body file or descriptor left behind. Exit status 0
+when no falsifying example was found; prints a summary either way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from tests.test_security_content import header_blocks, send_one_fuzzed, start_fuzz_target
+from relay.testing.hostile_content import header_blocks, send_one_fuzzed, start_fuzz_target
 
 
 def main() -> int:

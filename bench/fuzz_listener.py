@@ -2,8 +2,9 @@
 
     python bench/fuzz_listener.py --examples 5000 [--seed N]
 
-Runs the same strategies and checks as tests/test_security_fuzz.py against one relay + simulated
-Microsoft 365 on loopback: clean replies, no hang, nothing accepted lost, still serving after each case.
+Runs the strategies and checks of relay/testing/listener_fuzz.py (the CI test is
+tests/test_security_fuzz.py) against one relay + simulated Microsoft 365 on loopback: clean replies,
+no hang, nothing accepted lost, still serving after each case.
 Exit status 0 when no falsifying example was found; prints a one-line summary either way.
 """
 
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hypothesis import HealthCheck, given, seed, settings
 
-from tests.test_security_fuzz import Case, FuzzTarget, cases
+from relay.testing.listener_fuzz import Case, FuzzTarget, cases
 
 
 def main() -> int:

@@ -63,7 +63,11 @@ def _serve(workdir: Path) -> int:
                      "token_requests_app2": sim.entra.token_requests_for(STANDARD_TENANT, SECOND_CLIENT_ID)})
             elif cmd == "wait":
                 count, timeout = int(req["count"]), float(req["timeout"])
-                ok = sim.exchange.wait_until(lambda c=count: len(sim.exchange._accepted) >= c, timeout)
+
+                def reached(wanted: int = count) -> bool:
+                    return len(sim.exchange._accepted) >= wanted
+
+                ok = sim.exchange.wait_until(reached, timeout)
                 say({"ok": ok, "accepted": sim.exchange.stats().messages_accepted, "at": time.monotonic()})
             elif cmd == "token":
                 say({"token": sim.issue_token(STANDARD_TENANT, req.get("client_id") or STANDARD_CLIENT_ID)})

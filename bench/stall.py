@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from relay.testing.hostile_content import STALL_PAYLOADS, noop_latency_under_attack
 from relay.testing.m365 import SimulatedM365
-from tests.test_security_content import STALL_PAYLOADS, noop_latency_under_attack
 
 
 def main() -> int:
@@ -31,7 +31,10 @@ def main() -> int:
         finally:
             sim.stop()
     ms = [x * 1000 for x in latencies]
-    pick = lambda q: ms[min(len(ms) - 1, int(len(ms) * q))]  # noqa: E731
+
+    def pick(q: float) -> float:
+        return ms[min(len(ms) - 1, int(len(ms) * q))]
+
     print(f"{len(replies)} hostile messages ({len(STALL_PAYLOADS)} kinds x {args.rounds}), "
           f"{len(ms)} NOOPs meanwhile: median {pick(0.5):.1f} ms, p95 {pick(0.95):.1f} ms, "
           f"p99 {pick(0.99):.1f} ms, max {ms[-1]:.1f} ms")

@@ -41,12 +41,12 @@ from relay.blocking import call_with_deadline
 from relay.config import AppSettings, Settings, load_settings, load_warnings
 from relay.delivery.classify import Stage, classify_exception, classify_reply, timeout_text
 from relay.delivery.hints import STEPS, TLS_VERIFY_HINT, fill_placeholders, hint_for_aadsts, parse_aadsts
-from relay.errors import ConfigError, TokenError
+from relay.errors import ConfigError, TokenError, exception_chain
 from relay.microsoft.exchange_setup import admin_consent_url
 from relay.microsoft.graph import check_graph_claims
 from relay.microsoft.tokens import Token, TokenProvider, build_http_session, host_of, http_failure
 from relay.microsoft.upstream import tls_context_for
-from relay.queue.spool import running_user, writable_problem
+from relay.queue.problems import running_user, writable_problem
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -472,18 +472,10 @@ def _strip_trace(message: str) -> str:
     return re.sub(r"\s*\[[^\]]*\]\s*$", "", message).strip()
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    cause: BaseException | None = exc
-    while cause is not None and len(out) < 10 and all(cause is not e for e in out):
-        out.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    return out
-
 
 def _connect_problem(exc: BaseException) -> str:
     """'connection refused' / 'host name not found' / 'connection closed by the server', or ''."""
-    for cause in _causes(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused"
         if isinstance(cause, socket.gaierror):
@@ -496,7 +488,7 @@ def _connect_problem(exc: BaseException) -> str:
 def _tls_problem(exc: BaseException) -> str:
     """Certificate not trusted versus a handshake that failed or a peer that hung up: only the first
     is the trust store's business."""
-    for cause in _causes(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"certificate verification failed: {cause.verify_message or cause.reason}"
         if isinstance(cause, ssl.SSLEOFError | ConnectionResetError | aiosmtplib.SMTPServerDisconnected):
@@ -575,7 +567,7 @@ def _check_listener_tls(settings: Settings, file: str, checks: Checklist) -> Non
     """The listeners' certificate and key load (serve would stop at start otherwise)."""
     if settings.tls is None:
         return
-    from relay.service import listener_tls
+    from relay.intake.tls import listener_tls
 
     try:
         listener_tls(settings, file)

@@ -67,3 +67,16 @@ class SpoolError(RelayError):
 
 class SpoolFull(SpoolError):
     """No space (or quota, or a read-only filesystem) for a new message: the client gets 452 4.3.1."""
+
+
+def exception_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
+    """``exc``, its ``__cause__`` (or ``__context__``), and so on: at most ``limit``, loop-safe.
+    What a library wraps (an SSL error inside a connect error, a timeout inside a requests error)
+    is found by walking this."""
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(out) < limit and all(cur is not e for e in out):
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+

@@ -13,6 +13,7 @@ from typing import Any
 
 from relay.config import Settings, load_settings
 from relay.fleet import Fleet, FleetUnavailable
+from relay.fleet.status import read_status
 
 
 def run_fleet(args: argparse.Namespace) -> int:
@@ -48,9 +49,9 @@ async def _status(settings: Settings) -> dict[str, Any]:
     fleet.mailboxes = tuple(m.address for m in settings.mailboxes)
     fleet.apps = tuple(a.name for a in settings.apps)
     # A command-line look may wait a little longer than a relay's hot path would.
-    fleet.connected = True
+    fleet.link.connected = True
     try:
-        return await fleet.status()
+        return await read_status(fleet)
     finally:
         await fleet.redis.aclose()
 

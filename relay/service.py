@@ -29,13 +29,10 @@ from relay.envelope import Envelope, Route
 from relay.errors import ConfigError, ListenError, SpoolError, SpoolFull, TokenError
 from relay.fleet import Fleet
 from relay.intake.data import BodySink
-from relay.intake.listener import (
-    AuthLimiter,
-    ListenerState,
-    make_server_tls_context,
-    start_listener,
-)
+from relay.intake.limits import AuthLimiter
+from relay.intake.listener import ListenerState, start_listener
 from relay.intake.policy import Policy
+from relay.intake.tls import listener_tls
 from relay.microsoft.tokens import Token, TokenProviders
 from relay.microsoft.transport import Dispatcher
 from relay.microsoft.upstream import SessionPool, Submitter, tls_context_for
@@ -65,21 +62,6 @@ def _bind_problem(exc: OSError) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"{reason} (no interface of this host has that address)"
     return reason
-
-
-def listener_tls(settings: Settings, config_file: str) -> ssl.SSLContext | None:
-    """The listeners' TLS context, or None without ``tls:``. A certificate or key that cannot be
-    loaded is a configuration error naming the key (not a traceback at start)."""
-    if settings.tls is None:
-        return None
-    cert, key = settings.tls.cert_file, settings.tls.key_file
-    try:
-        return make_server_tls_context(str(cert), str(key), settings.tls.min_version)
-    except (OSError, ssl.SSLError) as exc:
-        reason = (exc.reason if isinstance(exc, ssl.SSLError) else None) or exc.strerror or str(exc)
-        raise ConfigError(config_file, "tls.cert_file",
-                          f"cannot load the certificate {cert} with the key {key}: {reason}; both must be PEM "
-                          "files readable by the relay's user, and the key must belong to the certificate") from None
 
 
 class ReloadRefused(ConfigError):
@@ -132,8 +114,7 @@ class Relay:
         self.pool = SessionPool(local_hostname=settings.hostname or socket.getfqdn() or "localhost",
                                 timeout=settings.delivery.timeout, idle_close=idle_close)
         providers = {p.app.name: p for p in self.tokens}
-        # Microsoft Graph (sendMail) for mailboxes with ``transport: graph``; SMTP for the others.
-        # Imported only then: a relay without Graph mailboxes does not carry its code.
+        # Graph (sendMail) for ``transport: graph`` mailboxes, imported only then; SMTP for the others.
         self.graph: GraphSender | None = None
         if any(m.transport == "graph" for m in settings.mailboxes):
             from relay.microsoft.graph import GraphSender
@@ -145,13 +126,13 @@ class Relay:
         self.delivery = Delivery(settings, self.spool, self.submitter, self.metrics, clock=clock,
                                  committer=self.committer,
                                  sleep=sleep, probe=self.probe)
-        self.delivery.on_dead = self.notify_dead
+        self.delivery.attempts.on_dead = self.notify_dead
         #: Optional: the mailboxes' limits shared with other relays through Redis (fleet: in the config).
         self.fleet: Fleet | None = None
         if settings.fleet is not None:
-            self.fleet = Fleet(settings.fleet, self.delivery.configured_limits, metrics=self.metrics)
-            self.fleet.on_blocks = self.delivery.fleet_blocks
-            self.fleet.on_state = self._fleet_state
+            self.fleet = Fleet(settings.fleet, self.delivery.pacing.configured_limits, metrics=self.metrics)
+            self.fleet.on_blocks = self.delivery.held.fleet_blocks
+            self.fleet.link.on_state = self._fleet_state
             self.pool.fleet = self.fleet
             self.delivery.fleet = self.fleet
         self.listener_state = ListenerState(
@@ -230,19 +211,15 @@ class Relay:
         if not (dsn.to_sender or dsn.admin):
             return
         # The email package's MIME classes, only once a message has died (rare): not at start.
-        from relay.delivery.dsn import build_dsn, dsn_allowed, dsn_route, is_automatic, read_headers
+        from relay.delivery.dsn import build_dsn, dsn_recipients, dsn_route, read_headers
 
         try:
             headers = await asyncio.to_thread(read_headers, self.spool.body_path(entry.id))
         except OSError:
             headers = b""
         # Off the event loop: the header block is whatever the client sent (up to 256 KiB).
-        automatic = await asyncio.to_thread(is_automatic, headers)
-        targets: list[str] = []
-        if dsn.to_sender and await asyncio.to_thread(dsn_allowed, entry.envelope, headers):
-            targets.append(entry.envelope.mail_from)
-        if dsn.admin and not automatic and dsn.admin not in targets:
-            targets.append(dsn.admin)
+        targets = await asyncio.to_thread(dsn_recipients, entry.envelope, headers, to_sender=dsn.to_sender,
+                                          admin=dsn.admin)
         if not targets:
             return
         failed = dict(entry.recipients_failed) or {r: entry.last_reply or reason for r in entry.pending_recipients}
@@ -302,10 +279,10 @@ class Relay:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         holds = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint}
-                 for b in self.delivery.holds()]
+                 for b in self.delivery.held.holds()]
         # A paused app (its token endpoint or Exchange does not answer) moves no mail either.
-        pauses = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply,
-                   "seconds_left": round(b.until - self.clock(), 1)} for b in self.delivery.app_pauses()]
+        pauses = [{"scope": b.scope, "name": b.name, "reason": b.reason, "reply": b.reply, "hint": b.hint,
+                   "seconds_left": round(b.until - self.clock(), 1)} for b in self.delivery.held.app_pauses()]
         listening = bool(self.servers) and all(s.is_serving() for s in self.servers)
         writable = self.spool.writable()
         ok = listening and writable and not holds and not pauses
@@ -313,8 +290,8 @@ class Relay:
                                   "pauses": pauses}
         if self.fleet is not None:
             # Redis away does not make the relay unready: mail flows on the fallback share.
-            detail["fleet"] = {"connected": self.fleet.connected, "instance": self.fleet.instance_id,
-                               "limits": "shared" if self.fleet.connected else "fallback share"}
+            detail["fleet"] = {"connected": self.fleet.link.connected, "instance": self.fleet.instance_id,
+                               "limits": "shared" if self.fleet.link.connected else "fallback share"}
         return ok, detail
 
     def refresh_gauges(self) -> None:

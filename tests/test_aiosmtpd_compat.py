@@ -140,8 +140,12 @@ def test_no_other_relay_module_touches_those_private_names() -> None:
         if path.name == "aiosmtpd_compat.py" or "testing" in path.parts or "aiosmtpd" not in source:
             continue
         for node in ast.walk(ast.parse(source)):
-            name = node.attr if isinstance(node, ast.Attribute) else node.name if isinstance(
-                node, ast.FunctionDef | ast.AsyncFunctionDef) else None
+            if isinstance(node, ast.Attribute):
+                name = node.attr
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                name = node.name
+            else:
+                continue
             if name in private:
                 found.append(f"{path.relative_to(relay_dir.parent)}:{node.lineno} {name}")
     assert found == [], "aiosmtpd private names outside relay/intake/aiosmtpd_compat.py: " + ", ".join(found)

@@ -52,7 +52,7 @@ def assert_no_token(text: str) -> None:
 
 
 def first_failure(report: dict[str, Any]) -> dict[str, Any]:
-    failed = [s for s in report["steps"] if s["status"] == "fail"]
+    failed: list[dict[str, Any]] = [s for s in report["steps"] if s["status"] == "fail"]
     assert failed, report
     return failed[0]
 

@@ -407,12 +407,12 @@ EXCEPTIONS: list[ExceptionRow] = [
         exc=aiosmtplib.SMTPConnectError(
             "Error connecting to smtp.office365.com on port 587: [Errno 111] Connection refused"
             ),
-        stage=Stage.CONNECT, action=R, reason="connection", scope=Scope.MESSAGE,
+        stage=Stage.CONNECT, action=R, reason="connection", scope=Scope.APP,
     ),
     ExceptionRow(
         "connect timeout",
         exc=aiosmtplib.SMTPConnectTimeoutError("Timed out connecting to smtp.office365.com on port 587"),
-        stage=Stage.CONNECT, action=R, reason="timeout", scope=Scope.MESSAGE,
+        stage=Stage.CONNECT, action=R, reason="timeout", scope=Scope.APP,
     ),
     ExceptionRow(
         "read timeout", exc=aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"), stage=Stage.DATA,
@@ -420,7 +420,7 @@ EXCEPTIONS: list[ExceptionRow] = [
     ),
     ExceptionRow(
         "smtp timeout", exc=aiosmtplib.SMTPTimeoutError("Timed out while upgrading transport"), stage=Stage.STARTTLS,
-        action=R, reason="timeout", scope=Scope.MESSAGE,
+        action=R, reason="timeout", scope=Scope.APP,
     ),
     ExceptionRow(
         "asyncio timeout", exc=TimeoutError(), stage=Stage.DATA, action=R, reason="timeout", scope=Scope.MESSAGE,
@@ -431,11 +431,24 @@ EXCEPTIONS: list[ExceptionRow] = [
     ),
     ExceptionRow(
         "dns failure", exc=socket.gaierror(socket.EAI_NONAME, "Name or service not known"), stage=Stage.CONNECT,
-        action=R, reason="connection", scope=Scope.MESSAGE,
+        action=R, reason="connection", scope=Scope.APP,
     ),
     ExceptionRow(
         "plain OSError", exc=OSError(errno.ENETUNREACH, "Network is unreachable"), stage=Stage.CONNECT, action=R,
-        reason="connection", scope=Scope.MESSAGE,
+        reason="connection", scope=Scope.APP,
+    ),
+    # After the greeting a dropped or reset session is this attempt's trouble, not the host's.
+    ExceptionRow(
+        "reset at connect", exc=ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+        stage=Stage.CONNECT, action=R, reason="connection", scope=Scope.MESSAGE,
+    ),
+    ExceptionRow(
+        "disconnected at connect", exc=aiosmtplib.SMTPServerDisconnected("Connection lost"), stage=Stage.CONNECT,
+        action=R, reason="connection", scope=Scope.MESSAGE,
+    ),
+    ExceptionRow(
+        "refused at data", exc=ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), stage=Stage.DATA,
+        action=R, reason="connection", scope=Scope.MESSAGE,
     ),
     ExceptionRow(
         "tls handshake", exc=ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), stage=Stage.STARTTLS,
@@ -500,6 +513,9 @@ def test_exceptions(row: ExceptionRow) -> None:
     assert v.reply and "\n" not in v.reply and "\r" not in v.reply
     if row.action is Action.HOLD:
         assert v.hint
+    if row.action is Action.RETRY and row.scope is Scope.APP and row.stage is not Stage.TOKEN:
+        # A pause for an unreachable host says where to look.
+        assert "firewall" in v.hint and "check" in v.hint
 
 
 def test_response_exception_keeps_server_reply() -> None:

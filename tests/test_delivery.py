@@ -174,7 +174,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., Harness]]:
         async def on_dead(entry: Entry, reason: str) -> None:
             harness.dead.append((entry, reason))
 
-        delivery_.on_dead = on_dead
+        delivery_.attempts.on_dead = on_dead
         return harness
 
     yield factory
@@ -286,7 +286,7 @@ async def test_at_most_connections_attempts_per_mailbox_at_once(make: Callable[.
     h.store(10)
     await h.delivery.tick()
     await asyncio.sleep(0)
-    assert len(h.submitter.calls) == 3 and h.delivery.busy(MAILBOX) == 3
+    assert len(h.submitter.calls) == 3 and h.delivery.pacing.busy(MAILBOX) == 3
     await h.delivery.tick()
     await asyncio.sleep(0)
     assert len(h.submitter.calls) == 3, "a fourth attempt started while three were in flight"
@@ -308,7 +308,7 @@ async def test_hold_stops_attempts_probes_each_interval_and_releases_when_fixed(
     [first] = h.store()
     await h.step()
     held_at = h.clock()
-    [hold] = h.delivery.holds()
+    [hold] = h.delivery.held.holds()
     assert (hold.scope, hold.name, hold.reason) == ("mailbox", MAILBOX, "auth_failed")
     assert hold.reply.startswith("535 5.7.3") and hold.hint
     got = h.entry(first)
@@ -323,7 +323,7 @@ async def test_hold_stops_attempts_probes_each_interval_and_releases_when_fixed(
     assert len(h.spool.list([State.DEAD])) == 0, "a configuration problem never bounces"
     fixed = True
     await h.run_until(lambda: not h.spool.list(), limit=310, step=5)
-    assert h.delivery.holds() == []
+    assert h.delivery.held.holds() == []
     assert len(h.submitter.calls) == 6  # the first attempt, then all five once the fix works
     # Released messages went at once (three connections: two scheduler rounds), not after their backoff.
     assert h.submitter.calls[-1].at - h.probes[-1][0] <= 10
@@ -335,7 +335,7 @@ async def test_token_endpoint_down_pauses_the_app(make: Callable[..., Harness]) 
     h.submitter.respond = lambda call: token_down(call.recipients) if down else delivered(call.recipients)
     [a] = h.store()
     await h.step()
-    assert h.delivery.blocks[("app", "contoso")].kind == "pause"
+    assert h.delivery.held.blocks[("app", "contoso")].kind == "pause"
     h.store(3)
     h.store(2, route=OTHER_ROUTE)  # same app: paused too
     await h.run_for(20)
@@ -344,7 +344,7 @@ async def test_token_endpoint_down_pauses_the_app(make: Callable[..., Harness]) 
     down = False
     await h.run_until(lambda: not h.spool.list(), limit=60)
     assert len(h.submitter.calls) == 7
-    assert h.delivery.holds() == [] and h.dead == []
+    assert h.delivery.held.holds() == [] and h.dead == []
 
 
 async def test_432_throttled_connections_pauses_that_mailbox_only(make: Callable[..., Harness]) -> None:
@@ -359,7 +359,7 @@ async def test_432_throttled_connections_pauses_that_mailbox_only(make: Callable
     h.submitter.respond = respond
     [a] = h.store()
     await h.step()
-    pause = h.delivery.blocks[("mailbox", MAILBOX)]
+    pause = h.delivery.held.blocks[("mailbox", MAILBOX)]
     assert pause.kind == "pause" and pause.until - h.clock() == pytest.approx(60)
     assert h.entry(a).next_attempt_at - h.clock() == pytest.approx(60)
     h.store(2)
@@ -379,7 +379,7 @@ async def test_submission_quota_is_deferred_an_hour_never_bounced(make: Callable
     got = h.entry(a)
     assert got.state is State.QUEUED and got.next_attempt_at - h.clock() == pytest.approx(3600)
     assert got.reason.startswith("quota_exceeded") and "SubmissionQuotaExceeded" in got.last_reply
-    assert h.delivery.blocks[("mailbox", MAILBOX)].kind == "pause"
+    assert h.delivery.held.blocks[("mailbox", MAILBOX)].kind == "pause"
     assert h.dead == []
 
 
@@ -643,7 +643,7 @@ async def test_waiting_new_messages_go_back_to_the_queue_on_a_hold_and_on_stop(
         while {h.entry(e).state for e in (second, third)} != {State.QUEUED}:
             await asyncio.sleep(0.01)
     assert "hold" in h.entry(second).reason, "queue list says why it waits"
-    h.delivery.release("mailbox", MAILBOX)
+    h.delivery.held.release("mailbox", MAILBOX)
     h.submitter.gate.set()
     await h.run_until(lambda: not h.spool.list(), limit=60)
     # A message still waiting in memory when the relay stops goes back to the queue, due now.

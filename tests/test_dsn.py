@@ -5,8 +5,9 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
+from typing import Any
 
-from relay.delivery.dsn import build_dsn, dsn_allowed, is_automatic
+from relay.delivery.dsn import build_dsn, dsn_recipients, is_automatic
 from relay.envelope import Envelope
 from relay.testing.harness import wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
@@ -46,10 +47,16 @@ def test_no_dsn_for_null_sender_or_automatic_mail() -> None:
                     arrival=0.0, recipients=("a@b.c",), reason="test")
     head = dsn.split(b"\r\n\r\n", 1)[0]
     assert is_automatic(head)
-    assert not dsn_allowed(Envelope("a@b.c", ("x@y.z",)), head)
-    assert not dsn_allowed(Envelope("", ("x@y.z",)), b"From: a@b.c\r\n\r\n")
-    assert not dsn_allowed(Envelope("a@b.c", ("x@y.z",)), b"Auto-Submitted: auto-generated\r\n\r\n")
-    assert dsn_allowed(Envelope("a@b.c", ("x@y.z",)), b"Auto-Submitted: no\r\nFrom: a@b.c\r\n\r\n")
+    sender = Envelope("a@b.c", ("x@y.z",))
+    both: dict[str, Any] = {"to_sender": True, "admin": "postmaster@b.c"}
+    assert dsn_recipients(sender, head, **both) == []  # a DSN is never answered, not even to the admin
+    assert dsn_recipients(Envelope("", ("x@y.z",)), b"From: a@b.c\r\n\r\n", **both) == ["postmaster@b.c"]
+    assert dsn_recipients(sender, b"Auto-Submitted: auto-generated\r\n\r\n", **both) == []
+    plain = b"Auto-Submitted: no\r\nFrom: a@b.c\r\n\r\n"
+    assert dsn_recipients(sender, plain, **both) == ["a@b.c", "postmaster@b.c"]
+    assert dsn_recipients(sender, plain, to_sender=False, admin="postmaster@b.c") == ["postmaster@b.c"]
+    assert dsn_recipients(sender, plain, to_sender=True, admin=None) == ["a@b.c"]
+    assert dsn_recipients(sender, plain, to_sender=True, admin="a@b.c") == ["a@b.c"]
 
 
 def test_is_automatic_reads_fields_whatever_comes_before_them() -> None:

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from relay.config import Settings, load_settings
-from relay.queue.spool import Spool, running_user
+from relay.queue.problems import running_user
+from relay.queue.spool import Spool
 from relay.testing.harness import RelayProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,10 +191,10 @@ def _as_config(data: Any) -> dict[str, Any] | None:
         data = {"apps": [{"name": "contoso", "tenant_id": TENANT, "client_id": CLIENT, **data}]}
     if not set(data) <= set(Settings.model_fields) or not {"apps", "mailboxes"} & set(data):
         return None
-    data = dict(data)
-    data.setdefault("apps", [{"name": "contoso", "tenant_id": TENANT, "client_id": CLIENT, "client_secret": "s"}])
-    data.setdefault("mailboxes", [{"address": "noreply@contoso.com", "app": data["apps"][0]["name"]}])
-    return data
+    config: dict[str, Any] = dict(data)
+    config.setdefault("apps", [{"name": "contoso", "tenant_id": TENANT, "client_id": CLIENT, "client_secret": "s"}])
+    config.setdefault("mailboxes", [{"address": "noreply@contoso.com", "app": config["apps"][0]["name"]}])
+    return config
 
 
 @pytest.mark.parametrize(("where", "block"), _doc_blocks(), ids=[w for w, _ in _doc_blocks()])

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from relay.config import FleetSettings, settings_from_dict
 from relay.errors import ConfigError
 from relay.fleet import Fleet, FleetWait
+from relay.fleet.status import read_status
 from relay.observability import Metrics
 from relay.testing.m365 import SimulatedM365
 from relay.testing.redis import RedisServer, redis_available
@@ -52,14 +53,14 @@ def make(url: str, name: str, connections: int = 3, per_minute: int = 30, **kw: 
 async def joined(*fleets: Fleet) -> None:
     for f in fleets:
         await f.start([MAILBOX], ["contoso"])
-        assert f.connected
+        assert f.link.connected
     await until_shared(*fleets)
 
 
 async def until_shared(*fleets: Fleet) -> None:
     """A new (or restarted) Redis: the registry is complete after one grace period."""
     deadline = time.monotonic() + 5
-    while not all(f.shared for f in fleets):
+    while not all(f.link.shared for f in fleets):
         assert time.monotonic() < deadline, "the fleet did not form"
         await asyncio.sleep(0.1)
 
@@ -131,7 +132,7 @@ async def test_slots_are_fleet_wide(redis_server: RedisServer) -> None:
         a.close_session(leases[0])
         await asyncio.wait_for(asyncio.gather(*a._aux), 2)
         assert (await b.open_session(MAILBOX)).startswith("b/")
-        status = await a.status()
+        status = await read_status(a)
         (mbx,) = status["mailboxes"]
         assert mbx["slots_in_use"] == 3 and mbx["slot_holders"] == {"b": 3}
     finally:
@@ -197,7 +198,7 @@ async def test_per_minute_is_fleet_wide(redis_server: RedisServer) -> None:
                 waits.append(exc)
         assert taken == 5
         assert all(w.reason == "per_minute" and 55 < w.seconds <= 61 for w in waits)
-        status = await fleets[0].status()
+        status = await read_status(fleets[0])
         assert status["mailboxes"][0]["submissions_last_minute"] == 5
         assert status["mailboxes"][0]["recipients_last_24h"] == 5
     finally:
@@ -276,7 +277,7 @@ async def test_a_pause_does_not_override_a_hold(redis_server: RedisServer) -> No
 async def test_redis_away_falls_back_and_rejoins(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     a = make(redis_server.url, "a", connections=3, per_minute=30)
     await joined(a)
-    assert a.local_limits((3, 30)) == (3, 30)
+    assert a.link.local_limits((3, 30)) == (3, 30)
     lease = await a.open_session(MAILBOX)
     redis_server.stop()
     started = time.monotonic()
@@ -289,8 +290,8 @@ async def test_redis_away_falls_back_and_rejoins(redis_server: RedisServer, capl
         assert time.monotonic() - started < 1.5
         await asyncio.sleep(settling.seconds)
         lease2 = await a.open_session(MAILBOX)
-    assert not a.connected
-    assert a.local_limits((3, 30)) == (1, 6)
+    assert not a.link.connected
+    assert a.link.local_limits((3, 30)) == (1, 6)
     assert a.metrics.fleet_connected._value.get() == 0
     started = time.monotonic()
     for _ in range(20):  # disconnected: no call waits for Redis at all
@@ -300,13 +301,13 @@ async def test_redis_away_falls_back_and_rejoins(redis_server: RedisServer, capl
     assert len(lost) == 1, "logged once"
     redis_server.start()
     deadline = time.monotonic() + 5
-    while not a.connected:
+    while not a.link.connected:
         assert time.monotonic() < deadline, "did not rejoin"
         await asyncio.sleep(0.1)
     # Back, but Redis restarted empty: the fallback share holds until every relay has re-registered.
-    assert not a.shared and a.local_limits((3, 30)) == (1, 6)
+    assert not a.link.shared and a.link.local_limits((3, 30)) == (1, 6)
     await until_shared(a)
-    assert a.local_limits((3, 30)) == (3, 30)
+    assert a.link.local_limits((3, 30)) == (3, 30)
     # The sessions opened before and during the outage are registered again.
     probe = aioredis.Redis.from_url(redis_server.url)
     members = {m.decode() for m in await probe.zrange("t:slots:" + MAILBOX, 0, -1)}
@@ -418,13 +419,13 @@ def test_relay_stays_ready_and_delivers_while_redis_is_away(redis_server: RedisS
                 refused = c.sendmail(STANDARD_MAILBOX, ["x@fabrikam.example"], f"Subject: {n}\r\n\r\nbody\r\n")
             assert refused == {}
 
-        wait_until(lambda: service.fleet is not None and service.fleet.shared, 10, "the fleet to form")
+        wait_until(lambda: service.fleet is not None and service.fleet.link.shared, 10, "the fleet to form")
         ok, detail = service.readiness()
         assert ok and detail["fleet"] == {"connected": True, "instance": "solo", "limits": "shared"}
         send(1)
         m365.exchange.wait_for_messages(1, timeout=10)
         redis_server.stop()
-        wait_until(lambda: not service.fleet.connected, 10, "the relay to notice Redis is gone")  # type: ignore[union-attr]
+        wait_until(lambda: not service.fleet.link.connected, 10, "the relay to notice Redis is gone")  # type: ignore[union-attr]
         ok, detail = service.readiness()
         assert ok, "Redis away must not make the relay unready"
         assert detail["fleet"]["connected"] is False and detail["fleet"]["limits"] == "fallback share"
@@ -432,7 +433,7 @@ def test_relay_stays_ready_and_delivers_while_redis_is_away(redis_server: RedisS
         send(2)  # delivered on the fallback share
         m365.exchange.wait_for_messages(2, timeout=20)
         redis_server.start()
-        wait_until(lambda: service.fleet.connected, 10, "the relay to rejoin")  # type: ignore[union-attr]
+        wait_until(lambda: service.fleet.link.connected, 10, "the relay to rejoin")  # type: ignore[union-attr]
         assert b"relay_fleet_connected 1.0" in service.metrics.render()
         send(3)
         m365.exchange.wait_for_messages(3, timeout=20)
@@ -482,7 +483,7 @@ def test_daily_recipient_budget_spent_holds_instead_of_bouncing(redis_server: Re
                "sync_interval": 0.5, "deadline": 0.5})
     try:
         service = relay.relay
-        wait_until(lambda: service.fleet is not None and service.fleet.shared, 10, "the fleet to form")
+        wait_until(lambda: service.fleet is not None and service.fleet.link.shared, 10, "the fleet to form")
         rcpts = ["a@fabrikam.example", "b@fabrikam.example"]
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as c:
             assert c.sendmail(STANDARD_MAILBOX, rcpts, "Subject: 1\r\n\r\nbody\r\n") == {}
@@ -510,7 +511,7 @@ async def test_the_documented_acl_is_enough_and_confines_the_relay(redis_server:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "fleet.md").read_text()
     (line,) = [ln.strip() for ln in doc.splitlines() if ln.strip().startswith("ACL SETUSER")]
     admin = sync_redis.Redis.from_url(redis_server.url)
-    admin.execute_command(*line.replace("REDIS-PASSWORD", "acl-pw-7").split())
+    admin.execute_command(*line.replace("REDIS-PASSWORD", "acl-pw-7").split())  # type: ignore[no-untyped-call]
     admin.close()
     url = redis_server.url.replace("redis://", "redis://relay@")
     settings = FleetSettings.model_validate({"redis": url, "password": "acl-pw-7", "instance_id": "acl",
@@ -528,8 +529,8 @@ async def test_the_documented_acl_is_enough_and_confines_the_relay(redis_server:
         await fleet.probe_done("mailbox", MAILBOX, ok=False, next_in=1)
         await fleet.probe_done("mailbox", MAILBOX, ok=True)
         await fleet.sync()
-        assert (await fleet.status())["mailboxes"][0]["slots_in_use"] == 1
-        assert fleet.counters.failures == 0 and fleet.connected
+        assert (await read_status(fleet))["mailboxes"][0]["slots_in_use"] == 1
+        assert fleet.counters.failures == 0 and fleet.link.connected
     finally:
         await fleet.stop()
     outsider = aioredis.Redis.from_url(url, password="acl-pw-7")
@@ -548,13 +549,13 @@ async def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
                                                       "instance_id": "tls", "lease_ttl": 3, "sync_interval": 0.5}),
                         lambda _m: (3, 30))
         await trusted.start([MAILBOX], [])
-        assert trusted.connected, "TLS with the configured CA"
+        assert trusted.link.connected, "TLS with the configured CA"
         await trusted.stop()
         # Without the CA the certificate is not trusted: no connection, the relay falls back.
         untrusted = Fleet(FleetSettings.model_validate({"redis": server.url, "instance_id": "tls2"}),
                           lambda _m: (3, 30))
         await untrusted.start([MAILBOX], [])
-        assert not untrusted.connected
+        assert not untrusted.link.connected
         await untrusted.stop()
     finally:
         server.stop()
@@ -579,7 +580,7 @@ async def test_rediss_checks_the_host_name(tmp_path: Path) -> None:
         fleet = Fleet(FleetSettings.model_validate({"redis": server.url, "ca_file": str(certs.ca_file),
                                                     "instance_id": "n"}), lambda _m: (3, 30))
         await fleet.start([MAILBOX], [])
-        assert not fleet.connected
+        assert not fleet.link.connected
         await fleet.stop()
     finally:
         server.stop()

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis import Redis
 
 from relay.testing.exchange import AUTH_FAILED
 from relay.testing.harness import RelayProcess, free_port, relay_config, wait_until, write_config
@@ -43,7 +44,7 @@ class Fleet3:
     ports: list[int]
     logs: list[Path]
 
-    def kv(self) -> redis.Redis:
+    def kv(self) -> Redis:
         return redis.Redis.from_url(self.redis.url)
 
     def events(self, i: int, event: str) -> list[dict[str, Any]]:

@@ -180,7 +180,7 @@ def test_wrong_password_gets_535_578(relay: RelayThread, m365: SimulatedM365) ->
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as c, pytest.raises(smtplib.SMTPAuthenticationError) as err:
         c.login(DEMO_USER, "not-the-password")
     assert err.value.smtp_code == 535
-    assert err.value.smtp_error.startswith(b"5.7.8")
+    assert isinstance(err.value.smtp_error, bytes) and err.value.smtp_error.startswith(b"5.7.8")
 
 
 def test_no_auth_from_non_allowlisted_address_is_refused(relay: RelayThread, m365: SimulatedM365) -> None:

@@ -171,8 +171,8 @@ def test_missing_mail_send_holds_and_never_bounces(graph_m365: SimulatedM365,
     graph_m365.entra.set_graph_roles(STANDARD_TENANT, STANDARD_CLIENT_ID, [])
     relay = graph_relay()
     send(relay, message_with_attachment(b"x"), [TO])  # 250 queued: no 5xx for a configuration problem
-    wait_until(lambda: bool(relay.relay.delivery.holds()), 15, "the app to be held")
-    [hold] = relay.relay.delivery.holds()
+    wait_until(lambda: bool(relay.relay.delivery.held.holds()), 15, "the app to be held")
+    [hold] = relay.relay.delivery.held.holds()
     assert hold.scope == "app" and hold.reason == "graph_permission" and "Mail.Send" in hold.hint
     assert relay.relay.spool.stats().counts.get(State.QUEUED, 0) == 1
     ok, _ = relay.relay.readiness()
@@ -184,8 +184,8 @@ def test_an_access_policy_holds_only_that_mailbox(graph_m365: SimulatedM365,
     graph_m365.graph.restrict(STANDARD_CLIENT_ID, {STANDARD_SEND_AS})  # leaves relay@ out
     relay = graph_relay()
     send(relay, message_with_attachment(b"x"), [TO])
-    wait_until(lambda: bool(relay.relay.delivery.holds()), 15, "the mailbox to be held")
-    [hold] = relay.relay.delivery.holds()
+    wait_until(lambda: bool(relay.relay.delivery.held.holds()), 15, "the mailbox to be held")
+    [hold] = relay.relay.delivery.held.holds()
     assert hold.scope == "mailbox" and hold.reason == "graph_access_denied"
     assert "Test-ApplicationAccessPolicy" in hold.hint
 
@@ -220,7 +220,7 @@ async def test_429_is_retried_after_retry_after(graph_m365: SimulatedM365, tmp_p
         deferred = spool.get(entry.id)
         assert deferred is not None and deferred.state is State.QUEUED
         assert deferred.next_attempt_at - clock() == pytest.approx(120)
-        pause = delivery.blocks[("mailbox", STANDARD_MAILBOX)]
+        pause = delivery.held.blocks[("mailbox", STANDARD_MAILBOX)]
         assert pause.kind == "pause" and pause.until - clock() == pytest.approx(120)
 
         clock.advance(119)

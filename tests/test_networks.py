@@ -117,7 +117,7 @@ def test_custom_ca_is_required_and_sufficient(m365: SimulatedM365, relay_factory
     code, resp = _send(relay.port, STANDARD_MAILBOX, "untrusted CA")
     assert code == 250 and b"queued as" in resp, "certificate trouble holds the message, never bounces it"
     assert m365.exchange.accepted == []
-    [hold] = relay.relay.delivery.holds()
+    [hold] = relay.relay.delivery.held.holds()
     assert (hold.scope, hold.reason) == ("app", "token_config")
     assert "token_ca_file" in hold.reply
     # Trust only the token endpoint's CA: the SMTP side still fails verification.
@@ -126,7 +126,7 @@ def test_custom_ca_is_required_and_sufficient(m365: SimulatedM365, relay_factory
     code, resp = _send(relay2.port, STANDARD_MAILBOX, "token CA only")
     assert b"queued as" in resp
     assert m365.exchange.accepted == []
-    [hold] = relay2.relay.delivery.holds()
+    [hold] = relay2.relay.delivery.held.holds()
     assert (hold.scope, hold.reason) == ("app", "tls")
     assert "smtp_ca_file" in hold.hint
     relay3 = relay_factory(apps=[app])
@@ -171,7 +171,7 @@ def test_a_broken_secret_in_tenant_a_holds_only_tenant_a(m365: SimulatedM365, re
     code, resp = _send(relay.port, MAILBOX_B, "tenant B, fine")
     assert code == 250 and b"delivered" in resp, resp
     assert [a.mailbox for a in m365.exchange.accepted] == [MAILBOX_B]
-    holds = relay.relay.delivery.holds()
+    holds = relay.relay.delivery.held.holds()
     assert [(h.scope, h.name) for h in holds] == [("app", "contoso")]
     assert "7000215" in holds[0].reply or "invalid_client" in holds[0].reply
     # More mail for B keeps flowing while A is held.

@@ -171,3 +171,20 @@ def test_two_from_fields_refused(mode: str) -> None:
     p = policy(mode)
     decision = p.header_from(user(p, "erp"), ROUTE, headers("relay@contoso.com", "From: ceo@contoso.com"))
     assert isinstance(decision, Refusal) and decision.reply.startswith("554 5.6.0")
+
+
+@pytest.mark.parametrize(("auth", "login", "client", "expected"), [
+    pytest.param("optional", "erp", "192.0.2.1", "user erp", id="logged-in-from-anywhere"),
+    pytest.param("optional", "gone", "10.1.2.3", None, id="login-no-longer-configured-is-nobody"),
+    pytest.param("optional", None, "10.1.2.3", "network 10.1.0.0/16", id="allowlisted-network"),
+    pytest.param("optional", None, "::ffff:10.1.2.3", "network 10.1.0.0/16", id="ipv4-mapped-client"),
+    pytest.param("optional", "", "127.0.0.1", "network 127.0.0.1/32", id="empty-login-is-no-login"),
+    pytest.param("optional", None, "192.0.2.1", None, id="unlisted-network"),
+    pytest.param("required", None, "10.1.2.3", None, id="required-ignores-networks"),
+    pytest.param("required", "erp", "10.1.2.3", "user erp", id="required-user"),
+])
+def test_principal_is_the_logged_in_user_else_the_allowlisted_network(
+        auth: str, login: str | None, client: str, expected: str | None) -> None:
+    p = policy(accept={"auth": auth, "networks": ["10.1.0.0/16", "127.0.0.1/32"]})
+    principal = p.principal(login, client)
+    assert (principal.name if principal else None) == expected

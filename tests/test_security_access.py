@@ -22,11 +22,12 @@ import pytest
 import trustme
 
 import relay.intake.listener
-from relay.config import ConfigError, is_loopback_host, settings_from_dict, too_wide
+from relay.config import is_loopback_host, settings_from_dict, too_wide
+from relay.errors import ConfigError
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from relay.testing.smtp_client import RawSMTP, plain_blob, simple_body
 from tests.conftest import RelayFactory
-from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 SECOND_HOST = "127.0.0.2"

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import pytest
 
-import relay.intake.listener
+import relay.intake.auth
 from relay.config import settings_from_dict
-from relay.intake.listener import AuthLimiter, RelayHandler, RelaySMTP
+from relay.intake import passwords
+from relay.intake.limits import AuthLimiter
+from relay.intake.listener import RelayHandler, RelaySMTP
 from relay.observability import HEALTH_MAX_CONNECTIONS, HealthServer, Metrics
 from relay.service import ReloadRefused
 from relay.testing.harness import DEMO_PASSWORD, DEMO_USER, RelayThread, relay_config, wait_until, write_config
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from relay.testing.smtp_client import RawSMTP, plain_blob, simple_body
 from tests.conftest import RelayFactory
 from tests.fakeclock import FakeClock
-from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 
@@ -105,7 +107,7 @@ class Checks:
 
 @pytest.fixture
 def checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Checks]:
-    real = relay.intake.listener.verify_password
+    real = passwords.verify_password  # relay.intake.auth calls it under this name
     c = Checks()
 
     def counted(password: str, hashed: str) -> bool:
@@ -119,7 +121,7 @@ def checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Checks]:
             with c.lock:
                 c.waiting -= 1
 
-    monkeypatch.setattr(relay.intake.listener, "verify_password", counted)
+    monkeypatch.setattr(relay.intake.auth, "verify_password", counted)
     yield c
     c.gate.set()
 
@@ -297,7 +299,7 @@ def test_noop_every_few_seconds_does_not_keep_a_session_forever(relay_factory: R
         clock.advance(601)  # 1 h 0 min 1 s
         assert c.cmd("NOOP").startswith(b"421 4.4.2")
         assert c.closed()
-    wait_until(lambda: state.connections == 0, 10, "the slot to be released")
+    wait_until(lambda: state.connections.open == 0, 10, "the slot to be released")
     # A new connection has its own hour.
     with RawSMTP(relay.port) as c:
         c.ehlo()
@@ -313,7 +315,7 @@ def test_a_silent_session_is_closed_after_max_session_plus_data_timeout(relay_fa
         c.ehlo()
         assert c.reply() == b"421 4.4.2 Session time limit reached, closing connection"  # bounded: 10 s
         assert c.closed()
-    wait_until(lambda: relay.relay.listener_state.connections == 0, 10, "the slot to be released")
+    wait_until(lambda: relay.relay.listener_state.connections.open == 0, 10, "the slot to be released")
 
 
 def test_loopback_sources_share_the_per_address_slots(relay_factory: RelayFactory) -> None:
@@ -326,7 +328,7 @@ def test_loopback_sources_share_the_per_address_slots(relay_factory: RelayFactor
     finally:
         for c in held:
             c.close()
-    wait_until(lambda: relay.relay.listener_state.connections == 0, 10, "the slots to be released")
+    wait_until(lambda: relay.relay.listener_state.connections.open == 0, 10, "the slots to be released")
     with RawSMTP(relay.port, source="127.0.2.200") as c:
         c.ehlo()
 

@@ -34,7 +34,7 @@ from relay.testing.harness import (
     write_config,
 )
 from relay.testing.m365 import STANDARD_MAILBOX, STANDARD_SECRET, SimulatedM365
-from tests.smtp_client import RawSMTP, plain_blob, simple_body
+from relay.testing.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 WRONG_PASSWORD = "Wr0ng-Leak-Canary-Pw!"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from relay.intake.listener import AuthLimiter
+from relay.config import LimitSettings
+from relay.intake import replies as R
+from relay.intake.limits import Admitted, AuthLimiter, Connections
 from relay.testing.harness import RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, SimulatedM365
+from relay.testing.smtp_client import RawSMTP, plain_blob, simple_body
 from tests.conftest import RelayFactory
 from tests.fakeclock import FakeClock
-from tests.smtp_client import RawSMTP, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 FAST_TARPIT = {"delay": 0.001, "max_delay": 0.005}
@@ -113,6 +115,24 @@ def test_limiter_bans_an_ipv6_client_by_its_64_and_mapped_ipv4_as_ipv4() -> None
     assert lim.banned("192.0.2.7") and not lim.banned("192.0.2.8")
 
 
+def test_connections_count_per_address_with_loopback_as_one_and_are_given_back_once() -> None:
+    limits = LimitSettings(max_connections=3, max_connections_per_address=2)
+    conns = Connections()
+    first, second = conns.admit("127.0.0.1", limits, ends=10.0), conns.admit("127.0.0.2", limits, ends=10.0)
+    assert isinstance(first, Admitted) and isinstance(second, Admitted) and first.ends == 10.0
+    assert conns.admit("::1", limits, ends=10.0) == R.TOO_MANY_FROM_ADDRESS, "all of loopback is one address"
+    third = conns.admit("192.0.2.1", limits, ends=10.0)
+    assert isinstance(third, Admitted)
+    assert conns.admit("192.0.2.2", limits, ends=10.0) == R.TOO_MANY_CONNECTIONS
+    assert (conns.open, dict(conns.per_address)) == (3, {"loopback": 2, "192.0.2.1": 1})
+    first.release()
+    first.release()  # the listener releases at the end of serving and again when the connection is lost
+    assert (conns.open, dict(conns.per_address)) == (2, {"loopback": 1, "192.0.2.1": 1})
+    second.release()
+    third.release()
+    assert (conns.open, dict(conns.per_address)) == (0, {})
+
+
 def test_tarpit_delay_grows_with_failures(relay_factory: RelayFactory) -> None:
     import time
 
@@ -137,7 +157,7 @@ def test_connection_limits_total_and_per_address(relay_factory: RelayFactory, m3
     with RawSMTP(relay.port, source="127.0.0.2", greet=False) as b1:
         assert b1.reply().startswith(b"421 4.7.0 Too many connections from your address")
         assert b1.closed()
-    assert state.connections == 2
+    assert state.connections.open == 2
     # The total: with a per-address limit above it, the total is what refuses.
     state.settings = state.settings.model_copy(update={"limits": state.settings.limits.model_copy(
         update={"max_connections_per_address": 10})})
@@ -145,11 +165,11 @@ def test_connection_limits_total_and_per_address(relay_factory: RelayFactory, m3
     with RawSMTP(relay.port, source="127.0.0.3", greet=False) as c4:  # total reached
         assert c4.reply().startswith(b"421 4.7.0 Too many connections, try again later")
         assert c4.closed()
-    assert state.connections == 3
+    assert state.connections.open == 3
     for c in (a1, a2, b1):
         c.ehlo()
         c.close()
-    wait_until(lambda: state.connections == 0, 10, "connections to be released")
+    wait_until(lambda: state.connections.open == 0, 10, "connections to be released")
     with RawSMTP(relay.port) as c:
         c.ehlo()
         c.login()
@@ -163,7 +183,7 @@ def test_idle_timeout_says_421_and_closes(relay_factory: RelayFactory) -> None:
         c.ehlo()
         assert c.reply().startswith(b"421 4.4.2")  # bounded by the socket timeout
         assert c.closed()
-    wait_until(lambda: relay.relay.listener_state.connections == 0, 10, "connection released")
+    wait_until(lambda: relay.relay.listener_state.connections.open == 0, 10, "connection released")
 
 
 def test_data_timeout_applies_during_data(relay_factory: RelayFactory, m365: SimulatedM365) -> None:
@@ -177,7 +197,7 @@ def test_data_timeout_applies_during_data(relay_factory: RelayFactory, m365: Sim
         c.send(b"Subject: stalled\r\n\r\npartial")
         assert c.reply().startswith(b"421 4.4.2")
         assert c.closed()
-    wait_until(lambda: relay.relay.listener_state.connections == 0, 10, "connection released")
+    wait_until(lambda: relay.relay.listener_state.connections.open == 0, 10, "connection released")
     # The client's 250 can come before the spool records Exchange's 250 (invariant 1 allows it).
     wait_until(lambda: not relay.relay.spool.list(), 10, "the spool to record the deliveries")
     assert m365.exchange.accepted == []

@@ -16,8 +16,8 @@ import pytest
 from relay.testing.exchange import AcceptedMessage
 from relay.testing.harness import wait_until
 from relay.testing.m365 import STANDARD_CLIENT_ID, STANDARD_MAILBOX, STANDARD_SEND_AS, STANDARD_TENANT, SimulatedM365
+from relay.testing.smtp_client import RawSMTP
 from tests.conftest import RelayFactory
-from tests.smtp_client import RawSMTP
 
 RCPT = "someone@fabrikam.example"
 

@@ -14,8 +14,8 @@ import pytest
 
 from relay.testing.harness import RelayThread, wait_until
 from relay.testing.m365 import STANDARD_MAILBOX, STANDARD_SEND_AS, SimulatedM365
+from relay.testing.smtp_client import RawSMTP, assert_clean_reply, plain_blob, simple_body
 from tests.conftest import RelayFactory
-from tests.smtp_client import RawSMTP, assert_clean_reply, plain_blob, simple_body
 
 RCPT = "someone@fabrikam.example"
 
@@ -34,8 +34,8 @@ def smuggled_body(separator: bytes) -> bytes:
 def assert_idle(relay: RelayThread) -> None:
     """Nothing left in the spool and no connection still counted."""
     state = relay.relay.listener_state
-    wait_until(lambda: state.connections == 0, 10, "connections to close")
-    assert not dict(state.per_address)
+    wait_until(lambda: state.connections.open == 0, 10, "connections to close")
+    assert not dict(state.connections.per_address)
     # The client's 250 can come before the spool records Exchange's 250 (invariant 1 allows it).
     wait_until(lambda: not relay.relay.spool.list(), 10, "the spool to record the deliveries")
 

@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import cast
 
 import aiosmtplib
 import jwt
@@ -89,7 +90,7 @@ async def session(m365: SimulatedM365, user: str = STANDARD_MAILBOX, token: str 
 def hang_up(smtp: aiosmtplib.SMTP) -> None:
     """Abort rather than close: a TLS close needs loop turns the test's loop may not get before it ends."""
     if smtp.transport is not None:
-        smtp.transport.abort()
+        cast(asyncio.Transport, smtp.transport).abort()
     smtp.close()
 
 

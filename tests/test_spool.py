@@ -14,6 +14,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -22,7 +23,8 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from relay.envelope import Envelope, Route
 from relay.errors import SpoolError, SpoolFull
-from relay.queue.spool import BodyWriter, Spool, State, new_queue_id
+from relay.queue.entries import new_queue_id
+from relay.queue.spool import BodyWriter, Entry, Spool, State
 from tests.fakeclock import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,13 @@ def spool(tmp_path: Path, clock: FakeClock) -> Iterator[Spool]:
     assert report.recovered and report.tmp_removed == 0
     yield s
     s.close()
+
+
+def entry(store: Spool, qid: str) -> Entry:
+    """The row of a message the test knows is in the spool."""
+    found = store.get(qid)
+    assert found is not None, f"{qid} is not in the spool"
+    return found
 
 
 def _files(d: Path) -> list[str]:
@@ -169,7 +178,7 @@ def test_claim_due_order_limit_and_skip(spool: Spool, clock: FakeClock) -> None:
     assert spool.next_due_at() == t + 100
     assert [e.id for e in spool.claim_due(t + 100, 10)] == [late.id]
     assert spool.next_due_at() is None
-    assert spool.get(held.id).state is State.HOLD
+    assert entry(spool, held.id).state is State.HOLD
     assert spool.claim(held.id) is None
 
 
@@ -216,17 +225,17 @@ def test_hold_release_retry_delete(spool: Spool, clock: FakeClock) -> None:
     b = spool.store(ENV, ROUTE, b"b", next_attempt_at=clock() + 900)
     assert spool.hold(a.id, "admin")
     assert not spool.hold(a.id, "admin")  # already held
-    assert spool.get(a.id).reason == "admin"
+    assert entry(spool, a.id).reason == "admin"
     assert [e.id for e in spool.claim_due(clock() + 10**6, 10)] == [b.id]
     # b is ACTIVE now: hold/delete refuse it
-    assert spool.get(b.id).state is State.ACTIVE
+    assert entry(spool, b.id).state is State.ACTIVE
     assert not spool.hold(b.id, "admin") and not spool.delete(b.id)
     spool.defer(b.id, next_attempt_at=clock() + 900, reply="")
     clock.advance(1)
-    assert spool.retry() == 1 and spool.get(b.id).next_attempt_at == clock()
+    assert spool.retry() == 1 and entry(spool, b.id).next_attempt_at == clock()
     assert spool.retry(a.id) == 0  # held, not queued
     assert spool.release(a.id) and not spool.release(a.id)
-    ra = spool.get(a.id)
+    ra = entry(spool, a.id)
     assert ra.state is State.QUEUED and ra.next_attempt_at == clock() and ra.reason == ""
     assert spool.delete(a.id) and not spool.delete(a.id)
     assert spool.get(a.id) is None and not spool.body_path(a.id).exists()
@@ -237,7 +246,7 @@ def test_unclaim_and_delete_active(spool: Spool, clock: FakeClock) -> None:
     e = spool.store(ENV, ROUTE, BODY, state=State.ACTIVE)
     assert not spool.delete(e.id)  # the admin may not delete what a worker holds
     assert spool.unclaim(e.id, clock() + 30)
-    u = spool.get(e.id)
+    u = entry(spool, e.id)
     assert u.state is State.QUEUED and u.attempts == 0 and u.next_attempt_at == clock() + 30
     assert not spool.unclaim(e.id, clock())  # not ACTIVE any more
     assert not spool.delete_active(e.id)
@@ -310,12 +319,12 @@ def test_recovery_after_simulated_crash(tmp_path: Path, clock: FakeClock) -> Non
         )
         assert _files(s2.tmp_dir) == []
         assert not (s2.bodies_dir / orphan).exists()
-        a = s2.get(active.id)
+        a = entry(s2, active.id)
         assert a.state is State.QUEUED and a.next_attempt_at == clock()
-        lo = s2.get(lost.id)
+        lo = entry(s2, lost.id)
         assert lo.state is State.DEAD and lo.reason == "body missing"
-        assert s2.get(dead_lost.id).reason == "expired"
-        assert s2.get(kept.id).state is State.QUEUED
+        assert entry(s2, dead_lost.id).reason == "expired"
+        assert entry(s2, kept.id).state is State.QUEUED
         assert s2.body_path(kept.id).read_bytes() == BODY
     finally:
         s2.close()
@@ -379,10 +388,10 @@ def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
     s = Spool(path)
     s.open()  # the dead process's flock is gone
     try:
-        for qid, i in acked.items():
+        for qid, n in acked.items():
             e = s.get(qid)
             assert e is not None and e.state is State.QUEUED
-            assert s.body_path(qid).read_bytes() == (b"message %d\r\n" % i) * (1 + i % 50)
+            assert s.body_path(qid).read_bytes() == (b"message %d\r\n" % n) * (1 + n % 50)
         assert _files(s.tmp_dir) == []
         assert set(_files(s.bodies_dir)) == {e.id for e in s.list()}
     finally:
@@ -531,14 +540,15 @@ def test_database_full_is_spool_full_and_leaves_nothing(
         def __init__(self, real: sqlite3.Connection) -> None:
             self.real = real
 
-        def execute(self, sql: str, *a: object) -> object:
+        def execute(self, sql: str, *a: Any) -> object:
             if sql.startswith("INSERT"):
                 exc = sqlite3.OperationalError("database or disk is full")
-                exc.sqlite_errorcode = 13  # type: ignore[attr-defined]
+                exc.sqlite_errorcode = 13
                 raise exc
             return self.real.execute(sql, *a)
 
     real = spool._conn
+    assert real is not None
     monkeypatch.setattr(spool, "_conn", FullConn(real))
     with pytest.raises(SpoolFull):
         spool.store(ENV, ROUTE, BODY)

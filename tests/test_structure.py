@@ -47,7 +47,7 @@ def test_only_demo_and_cli_import_the_simulator(module: str) -> None:
 
 def private_imports() -> list[str]:
     """``module: from relay.x import _name`` for every private name one relay module takes from another."""
-    found = []
+    found: list[str] = []
     for path in sorted(RELAY.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("relay"):
@@ -84,10 +84,35 @@ def test_each_refusal_text_exists_once(name: str) -> None:
     assert elsewhere == [], f"{text!r} is written out again in {elsewhere}: import relay.intake.replies.{name}"
 
 
+def imported_names(path: Path) -> set[str]:
+    """Every module name ``path`` imports (``from a.b import c`` gives a.b and a.b.c)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_bench_imports_nothing_from_the_tests() -> None:
+    """What the bench shares with the tests lives in relay/testing/ (or bench/ itself)."""
+    bench = sorted((RELAY.parent / "bench").glob("*.py"))
+    assert any("relay.testing.harness" in imported_names(p) for p in bench)  # the derivation sees imports
+    found = sorted(f"{p.name}: {name}" for p in bench for name in imported_names(p)
+                   if name == "tests" or name.startswith("tests."))
+    assert found == [], f"bench/ imports from tests/: {found}"
+
+
 # ---------------------------------------------------------------------------------------- layers
 #: Shared by every stage; imports only its own kind.
 FOUNDATION = {"relay.config", "relay.envelope", "relay.errors", "relay.observability", "relay.text",
-              "relay.blocking", "relay.fleet"}
+              "relay.blocking", "relay.fleet", "relay.fleet.client", "relay.fleet.link", "relay.fleet.scripts",
+              "relay.fleet.status"}
+#: The config package, one module per job (``relay.config`` re-exports what the stages import).
+FOUNDATION |= {f"relay.config.{name}" for name in (
+    "values", "clouds", "apps", "sections", "networks", "settings", "resolve", "problems", "loading")}
 #: The stages in the order mail flows through them. A stage may import the foundation, itself and the
 #: stages before it (the shapes they produce), never a later one: hand-offs forward go through
 #: protocols that the service wires (docs/architecture.md, "Layout").

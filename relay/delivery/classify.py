@@ -38,10 +38,11 @@ from relay.delivery.hints import (
     GRAPH_USER_HINT,
     NOT_SUPPORTED_HINT,
     TLS_VERIFY_HINT,
+    UNREACHABLE_HINT,
     Hint,
     hint_for_aadsts,
 )
-from relay.errors import TokenError
+from relay.errors import TokenError, exception_chain
 from relay.text import one_line
 
 __all__ = [
@@ -330,15 +331,6 @@ def classify_recipients(exc: aiosmtplib.SMTPRecipientsRefused) -> dict[str, Verd
 _SEVERITY = {A.HOLD: 3, A.RETRY: 2, A.FAILED: 1, A.DELIVERED: 0}
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """exc, its __cause__/__context__, ... (bounded, loop-safe)."""
-    out: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and len(out) < 8 and all(cur is not e for e in out):
-        out.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return out
-
 
 def _oserror_text(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, "") if isinstance(exc.errno, int) else ""
@@ -404,7 +396,7 @@ def classify_exception(exc: BaseException, stage: Stage) -> Verdict:
             return classify_reply(exc.code, exc.message, stage)
         return Verdict(A.RETRY, "transient", _smtp_text(exc), S.MESSAGE, code=None)
 
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
             detail = (
@@ -432,15 +424,24 @@ def classify_exception(exc: BaseException, stage: Stage) -> Verdict:
         if "smtputf8" in exc.message.lower():
             return Verdict(A.FAILED, "not_supported", _smtp_text(exc), S.MESSAGE)
         return Verdict(A.HOLD, "not_supported", _smtp_text(exc), S.APP, hint=NOT_SUPPORTED_HINT)
+    # Before MAIL the session belongs to no message: a host that is silent, refuses or cannot be
+    # resolved fails every message of the app the same way (the host is the app's smtp_host), so the
+    # app is paused (docs/exchange.md, "Reply codes": pause) instead of each message waiting out its timeout.
+    host_down = stage in _PRE_MAIL
+    where, hint = (S.APP, UNREACHABLE_HINT) if host_down else (S.MESSAGE, "")
     if isinstance(exc, TimeoutError):  # asyncio.TimeoutError, SMTPTimeoutError, SMTPConnectTimeoutError
         text = _smtp_text(exc) if isinstance(exc, aiosmtplib.SMTPException) else "timeout"
-        return Verdict(A.RETRY, "timeout", text, S.MESSAGE)
-    if isinstance(exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPConnectError):
+        return Verdict(A.RETRY, "timeout", text, where, hint=hint)
+    if isinstance(exc, aiosmtplib.SMTPConnectError):
+        return Verdict(A.RETRY, "connection", _smtp_text(exc), where, hint=hint)
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return Verdict(A.RETRY, "connection", _smtp_text(exc), S.MESSAGE)
     if isinstance(exc, aiosmtplib.SMTPException):
         return Verdict(A.RETRY, "transient", _smtp_text(exc), S.MESSAGE)
-    if isinstance(exc, OSError):  # ConnectionError, socket.gaierror, ...
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
         return Verdict(A.RETRY, "connection", _oserror_text(exc), S.MESSAGE)
+    if isinstance(exc, OSError):  # refused, unreachable, socket.gaierror, ...
+        return Verdict(A.RETRY, "connection", _oserror_text(exc), where, hint=hint)
     return Verdict(A.RETRY, "internal_error", _clean(f"unexpected {type(exc).__name__}"), S.MESSAGE)
 
 

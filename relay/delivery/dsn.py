@@ -51,9 +51,15 @@ def is_automatic(headers: bytes) -> bool:
     return auto != "no" or "report-type=delivery-status" in content_type
 
 
-def dsn_allowed(envelope: Envelope, headers: bytes) -> bool:
-    """False for null senders and automatic mail, so DSNs never loop."""
-    return bool(envelope.mail_from) and not is_automatic(headers)
+def dsn_recipients(envelope: Envelope, headers: bytes, *, to_sender: bool, admin: str | None) -> list[str]:
+    """Who is told about a dead letter: its sender (unless the null sender) and/or the admin, as
+    configured; nobody for automatic mail, so DSNs never loop. Reads the header block once."""
+    if is_automatic(headers):
+        return []
+    targets = [envelope.mail_from] if to_sender and envelope.mail_from else []
+    if admin and admin not in targets:
+        targets.append(admin)
+    return targets
 
 
 def build_dsn(

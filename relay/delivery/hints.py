@@ -287,6 +287,12 @@ TLS_VERIFY_HINT = (
     " app's smtp_ca_file to its CA."
 )
 
+UNREACHABLE_HINT = (
+    "The app's SMTP host did not answer or could not be reached before any message was sent: check that"
+    " this machine can reach it (smtp.office365.com:587 for the global cloud) through DNS, firewall and"
+    " proxy; `oauth-smtp-relay check` names the step that does not answer."
+)
+
 NOT_SUPPORTED_HINT = (
     "The upstream server does not offer STARTTLS or AUTH XOAUTH2: check the upstream host and port"
     " (smtp.office365.com:587 with STARTTLS for the global cloud)."

@@ -118,7 +118,7 @@ class MailboxPacing:
         """(connections, per_minute) this relay may use for a mailbox (lower case) on its own: as
         configured, or the fleet's fallback share while the fleet's Redis is away."""
         limits = self.configured_limits(key)
-        return limits if self.fleet is None else self.fleet.local_limits(limits)
+        return limits if self.fleet is None else self.fleet.link.local_limits(limits)
 
     def configured_limits(self, key: str) -> tuple[int, int]:
         """(connections, per_minute) of a mailbox (lower case), from the settings (several times a message:

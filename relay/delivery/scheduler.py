@@ -27,10 +27,10 @@ from typing import Any
 
 from relay.config import Settings
 from relay.delivery.attempt import Attempts, SubmitsMessages, Waiter, queued_reply
-from relay.delivery.holds import Block, Holds, Probe
+from relay.delivery.holds import Holds, Probe
 from relay.delivery.pacing import MailboxPacing, mailbox_key
 from relay.envelope import Route
-from relay.fleet import Fleet, SharedBlock
+from relay.fleet import Fleet
 from relay.observability import Metrics
 from relay.queue.committer import GroupCommitter
 from relay.queue.spool import Entry, Spool
@@ -131,55 +131,6 @@ class Delivery:
     def fleet(self, fleet: Fleet | None) -> None:
         self.pacing.fleet = self.held.fleet = fleet
 
-    @property
-    def on_dead(self) -> Callable[[Entry, str], Awaitable[None] | None] | None:
-        """Called with each new dead letter and its reason (the service sends the DSN)."""
-        return self.attempts.on_dead
-
-    @on_dead.setter
-    def on_dead(self, notify: Callable[[Entry, str], Awaitable[None] | None] | None) -> None:
-        self.attempts.on_dead = notify
-
-    @property
-    def probe_interval(self) -> float:
-        """First probe interval of a hold: the constructor's, else ``delivery.probe_interval``."""
-        return self.held.probe_interval
-
-    @probe_interval.setter
-    def probe_interval(self, seconds: float | None) -> None:
-        self.held.probe_interval = seconds
-
-    @property
-    def blocks(self) -> dict[tuple[str, str], Block]:
-        """The holds and pauses in force, by (scope, name)."""
-        return self.held.blocks
-
-    def configured_limits(self, key: str) -> tuple[int, int]:
-        """(connections, per_minute) of a mailbox, as configured (the fleet's shares are cut from these)."""
-        return self.pacing.configured_limits(key)
-
-    def busy(self, mailbox: str) -> int:
-        """Attempts in flight for a mailbox (sync and scheduled)."""
-        return self.pacing.busy(mailbox)
-
-    def holds(self) -> list[Block]:
-        return self.held.holds()
-
-    def app_pauses(self) -> list[Block]:
-        """Pauses of a whole app still in force (readiness and ``queue holds`` show them)."""
-        return self.held.app_pauses()
-
-    def release(self, scope: str, name: str, *, share: bool = True) -> None:
-        """Lift a hold or pause; the messages waiting behind it are due at once."""
-        self.held.release(scope, name, share=share)
-
-    def fleet_blocks(self, shared: dict[tuple[str, str], SharedBlock]) -> None:
-        """The fleet's holds and pauses (after each sync), taken on or lifted here."""
-        self.held.fleet_blocks(shared)
-
-    def in_flight(self) -> int:
-        return len(self._inflight)
-
     def idle(self) -> bool:
         """Nothing in flight, no probe running, no wake-up pending (tests driving a fake clock)."""
         return not (self._inflight or self.held.probes or self._aux or self.attempts.unrecorded or self._wake.is_set())
@@ -235,7 +186,7 @@ class Delivery:
             slot = self.pacing.pacer(route.mailbox).take()
             if slot is not None:
                 self._launch(entry, self.attempts.attempt(entry, None, body), slot, counts=True)
-                return self.queued_reply(entry)
+                return queued_reply(entry)
         elif (wait <= 0 and not self._stopping and self.held.blocked(route) is None and self._ready_count < READY_MAX
               and not self.pacing.fleet_waiting(route.mailbox)
               and self.pacing.pacer(route.mailbox).available() > 0 and self._queue_idle(self.clock())):
@@ -244,13 +195,13 @@ class Delivery:
             line = self._ready.setdefault(mailbox_key(route.mailbox), deque())
             line.append((entry, body if self._ready_count < READY_BODIES else None))
             self._ready_count += 1
-            return self.queued_reply(entry)
+            return queued_reply(entry)
         if slot is None:
             block = self.held.blocked(route)
             why = f"{block.kind} {block.scope} {block.name}: {block.reason}" if block is not None else None
             await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock(), why)
             self.wake()
-            return self.queued_reply(entry)
+            return queued_reply(entry)
         waiter = Waiter(accepted=asyncio.get_running_loop().create_future())
         assert waiter.accepted is not None
         task = self._launch(entry, self.attempts.attempt(entry, waiter, body), slot, counts=True)
@@ -263,21 +214,15 @@ class Delivery:
             return waiter.accepted.result()  # the spool records the delivery in the background
         if not task.done():
             if not waiter.committed:
-                return self.queued_reply(entry)
+                return queued_reply(entry)
             # The attempt is writing down the refusal it owes the client: a short local step.
             await asyncio.wait({task}, timeout=30)
             if not task.done():
                 # Never "250 queued" for a message that is being dropped: let the client try again.
                 return "451 4.3.0 Local delay, try again later"
         if task.cancelled():
-            return self.queued_reply(entry)
+            return queued_reply(entry)
         return task.result()
-
-    @staticmethod
-    def queued_reply(entry: Entry) -> str:
-        return queued_reply(entry)
-
-    # ------------------------------------------------------------------ one attempt
 
     # ------------------------------------------------------------------ the scheduler
 
@@ -291,7 +236,8 @@ class Delivery:
                 continue
             if self.pacing.fleet_waiting(address):
                 continue
-            room = min(self.pacing.connections(address) - self.busy(address), self.pacing.pacer(address).available())
+            free = self.pacing.connections(address) - self.pacing.busy(address)
+            room = min(free, self.pacing.pacer(address).available())
             if room > 0:
                 plan[address] = room
         return plan
@@ -345,7 +291,7 @@ class Delivery:
                 entry, body = line[0]
                 route = entry.route
                 if not self._stopping and self.held.blocked(route) is None and (
-                        self.busy(mailbox) >= self.pacing.connections(mailbox)):
+                        self.pacing.busy(mailbox) >= self.pacing.connections(mailbox)):
                     break  # still no connection free for this mailbox
                 line.popleft()
                 self._ready_count -= 1
@@ -376,7 +322,7 @@ class Delivery:
     def _may_start(self, route: Route) -> bool:
         """Not stopping, not held or paused, and a connection of the mailbox free."""
         return (not self._stopping and self.held.blocked(route) is None and not self.pacing.fleet_waiting(route.mailbox)
-                and self.busy(route.mailbox) < self.pacing.connections(route.mailbox))
+                and self.pacing.busy(route.mailbox) < self.pacing.connections(route.mailbox))
 
     def _start(self, entry: Entry) -> None:
         route = entry.route
@@ -398,7 +344,7 @@ class Delivery:
             delay = max(delay, block.until - self.clock())
             why = f"{block.kind} {block.scope} {block.name}: {block.reason}"
         await asyncio.to_thread(self.spool.unclaim, entry.id, self.clock() + max(delay, 0.0), why)
-        return self.queued_reply(entry)
+        return queued_reply(entry)
 
     def _next_wake(self, next_due: float | None) -> float:
         now = self.clock()

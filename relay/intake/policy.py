@@ -25,7 +25,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from relay.config import NetworkRule, RewriteFrom, Settings, UserSettings
+from relay.config import AuthMode, NetworkRule, RewriteFrom, Settings, UserSettings
 from relay.envelope import Route
 from relay.intake.addresses import has_forbidden_characters
 from relay.intake.rewrite import field_name, from_addresses, split_header_fields
@@ -93,6 +93,17 @@ class Policy:
 
     def user(self, name: str) -> UserSettings | None:
         return self._users.get(name)
+
+    def principal(self, user: str | None, client_ip: str) -> Principal | None:
+        """Who is sending: the logged-in ``user`` (None: no login), else the allowlisted network of
+        ``client_ip``, which ``accept.auth: required`` never accepts. None: nobody we know."""
+        if user:
+            found = self.user(user)
+            return Principal.for_user(found) if found else None
+        if self.settings.accept.auth is AuthMode.REQUIRED:
+            return None
+        rule = self.network_rule(client_ip)
+        return Principal.for_network(rule) if rule else None
 
     def network_rule(self, peer_ip: str) -> NetworkRule | None:
         """The first allowlisted network containing ``peer_ip`` (IPv4-mapped IPv6 understood)."""

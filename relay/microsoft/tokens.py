@@ -37,7 +37,7 @@ import requests
 
 from relay.blocking import call_with_deadline
 from relay.config import AppSettings
-from relay.errors import ConfigError, TokenError
+from relay.errors import ConfigError, TokenError, exception_chain
 
 log = logging.getLogger("relay.tokens")
 
@@ -184,14 +184,6 @@ class _ScopeState:
     refresh_task: asyncio.Task[None] | None = None
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and len(out) < 10 and all(cur is not e for e in out):
-        out.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return out
-
 
 def http_failure(app: str, exc: requests.RequestException, url: str, timeout: float,
                  proxy: str | None = None) -> TokenError:
@@ -204,7 +196,7 @@ def http_failure(app: str, exc: requests.RequestException, url: str, timeout: fl
     host = host_of(url)
     within = _seconds(timeout)
     via = f" through the proxy {host_of(proxy)}" if proxy else ""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     texts = " | ".join(str(e).lower() for e in chain)
     if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
         return TokenError(app, "tls_verification_failed",
@@ -276,7 +268,6 @@ class TokenProvider:
         self._scopes: dict[str, _ScopeState] = {self.default_scope: _ScopeState()}
         self.requests = 0  # token requests that reached (or tried to reach) Entra ID, all scopes
         self.failures = 0
-        self.last_error: TokenError | None = None
         self.on_acquired: Callable[[Token], None] | None = None
         self.on_failed: Callable[[TokenError], None] | None = None
 
@@ -300,11 +291,6 @@ class TokenProvider:
     @property
     def current(self) -> Token:
         return self._token
-
-    def current_for(self, scope: str | None = None) -> Token:
-        """The token held for ``scope`` (default: the SMTP scope), usable or not."""
-        state = self._scopes.get(scope or self.default_scope)
-        return state.token if state is not None else Token()
 
     def _state(self, scope: str | None) -> tuple[str, _ScopeState]:
         key = scope or self.default_scope
@@ -372,7 +358,6 @@ class TokenProvider:
                                  f"{_seconds(self.app.timeout)}", transient=True) from None
         except TokenError as exc:
             self.failures += 1
-            self.last_error = exc
             log.warning("token request failed: %s", exc.description, extra={
                 "event": "token_failed", "app": self.app.name, "error": exc.error,
                 "endpoint": host_of(self.app.effective_authority_host), "transient": exc.transient,
@@ -382,7 +367,6 @@ class TokenProvider:
             raise
         token = self._token_from(result)
         state.token = token
-        self.last_error = None
         if self.on_acquired:
             self.on_acquired(token)
         log.info("token acquired", extra={

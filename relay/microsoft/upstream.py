@@ -102,7 +102,6 @@ class SessionPool:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._open: dict[str, int] = {}
         self.connections_made = 0
-        self.auth_count = 0
         #: Optional: session slots shared with other relays. Every session opened holds a lease on one
         #: of the mailbox's slots fleet-wide until it is closed (FleetWait when none is free).
         self.fleet: Fleet | None = None
@@ -163,7 +162,6 @@ class SessionPool:
             raise aiosmtplib.SMTPAuthenticationError(
                 504, f"5.7.4 server offers no AUTH XOAUTH2 (offers: {', '.join(smtp.server_auth_methods) or 'none'})"
             )
-        self.auth_count += 1
         await smtp.auth_xoauth2(session.mailbox, token.value)
         session.token = token
 
@@ -171,7 +169,7 @@ class SessionPool:
         session.last_used = self._clock()
         fleet = self.fleet
         if fleet is not None and (fleet.wanted(session.mailbox) or self.open_sessions(session.mailbox) > (
-                fleet.session_share(fleet.limits(session.mailbox)[0]))):
+                fleet.link.session_share(fleet.limits(session.mailbox)[0]))):
             # Another relay waits for a slot of this mailbox, or more are open than this relay's share
             # while Redis is away: close rather than keep it idle.
             self.discard(session)

@@ -1,4 +1,5 @@
-"""The queue: the durable spool (``spool``), its group committer (``committer``) and the
-``oauth-smtp-relay queue`` command (``cli``). Imports the foundation and intake's shapes only.
-See docs/architecture.md, "Layout".
+"""The queue: the durable spool behind its facade ``spool.Spool`` (the rooms behind it: ``entries``,
+``schema``, ``table``, ``bodies``, ``recovery``, ``owner``, ``problems``), its group committer
+(``committer``) and the ``oauth-smtp-relay queue`` command (``cli``). Imports the foundation and
+intake's shapes only. See docs/architecture.md, "Layout".
 """

@@ -28,7 +28,8 @@ from typing import Any
 
 from relay.config import load_settings
 from relay.errors import SpoolError
-from relay.queue.spool import Entry, Spool, State, os_error
+from relay.queue.problems import os_error
+from relay.queue.spool import Entry, Spool, State
 
 #: What each command needs the message to be in, for a helpful refusal.
 _NEEDS = {

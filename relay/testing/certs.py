@@ -88,7 +88,6 @@ class AppCertificate:
     private_key_pem: bytes
     certificate_pem: bytes
     thumbprint_sha1_hex: str
-    thumbprint_sha256_hex: str
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -134,5 +133,4 @@ def make_app_certificate(common_name: str = "oauth-smtp-relay", *, days: int = 3
         ),
         certificate_pem=cert.public_bytes(serialization.Encoding.PEM),
         thumbprint_sha1_hex=cert.fingerprint(hashes.SHA1()).hex().upper(),
-        thumbprint_sha256_hex=cert.fingerprint(hashes.SHA256()).hex().upper(),
     )

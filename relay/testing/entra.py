@@ -303,10 +303,6 @@ class EntraSimulator:
         with self._lock:
             self.app(tenant_id, client_id).admin_consent = granted
 
-    def set_roles(self, tenant_id: str, client_id: str, roles: Iterable[str]) -> None:
-        with self._lock:
-            self.app(tenant_id, client_id).roles = tuple(roles)
-
     def set_graph_roles(self, tenant_id: str, client_id: str, roles: Iterable[str]) -> None:
         """Microsoft Graph application permissions (e.g. ``Mail.Send``) of the app."""
         with self._lock:
@@ -327,10 +323,6 @@ class EntraSimulator:
         """Answer the next ``times`` token requests with this error (e.g. 503 temporarily_unavailable)."""
         with self._lock:
             self._failures.append(_InjectedFailure(status, error, aadsts, retry_after, times, description))
-
-    def clear_failures(self) -> None:
-        with self._lock:
-            self._failures.clear()
 
     def set_delay(self, seconds: float) -> None:
         """Wait this long before answering any request (a slow identity provider)."""

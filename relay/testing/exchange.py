@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from relay.testing.certs import ServerCertificates
 from relay.testing.chunking import ChunkingMixin, WireFeatures
 from relay.testing.entra import EXCHANGE_RESOURCE, SMTP_SEND_AS_APP
+from relay.testing.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,7 @@ class ExchangeSimulator:
         #: ``quota`` (554 5.2.0 SubmissionQuotaExceeded, recipients per day).
         self._refusals: dict[tuple[str, str], int] = collections.defaultdict(int)
         self._seq = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("exchange-sim")
         self._server: asyncio.Server | None = None
         self._protocols: set[_ExchangeSMTP] = set()
         self._port = 0
@@ -264,34 +264,17 @@ class ExchangeSimulator:
 
     def start(self) -> None:
         """Serve on 127.0.0.1 (ephemeral port) from a private event loop in a daemon thread."""
-        if self._thread is not None:
+        if self._runner.running:
             return
         self.outdir.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=self._run_loop, args=(loop,), name="exchange-sim", daemon=True)
-        self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(loop.create_server(self._new_protocol, "127.0.0.1", self._port), loop)
-        self._server = future.result(timeout=10)
+        loop = self._runner.start()
+        self._server = self._runner.call(loop.create_server(self._new_protocol, "127.0.0.1", self._port))
         self._port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
         """Close the listener and every open session, then end the loop thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        self._loop = self._thread = self._server = None
-
-    @staticmethod
-    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
+        self._runner.stop(self._shutdown)
+        self._server = None
 
     async def _shutdown(self) -> None:
         if self._server is not None:
@@ -314,7 +297,7 @@ class ExchangeSimulator:
         return "localhost"
 
     def _new_protocol(self) -> _ExchangeSMTP:
-        return _WireSMTP(self, self._certs.server_context(), self._loop)
+        return _WireSMTP(self, self._certs.server_context(), self._runner.loop)
 
     # -- directory ---------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
+
+from relay.testing.loop_thread import LoopThread
 
 __all__ = ["LatencyProxy"]
 
@@ -32,8 +33,7 @@ class LatencyProxy:
         self.target_port = target_port
         self.rtt = rtt
         self.connections = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("latency-proxy")
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._port = 0
@@ -43,26 +43,16 @@ class LatencyProxy:
         return self._port
 
     def start(self) -> LatencyProxy:
-        if self._thread is not None:
+        if self._runner.running:
             return self
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="latency-proxy", daemon=True)
-        self._thread.start()
-        server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._accept, "127.0.0.1", 0), loop)
-        self._server = server.result(timeout=10)
+        self._runner.start()
+        self._server = self._runner.call(asyncio.start_server(self._accept, "127.0.0.1", 0))
         self._port = self._server.sockets[0].getsockname()[1]
         return self
 
     def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
-        self._loop = self._thread = self._server = None
+        self._runner.stop(self._shutdown)
+        self._server = None
 
     def __enter__(self) -> LatencyProxy:
         return self.start()

@@ -29,6 +29,7 @@ import socket
 import ssl
 import threading
 from types import TracebackType
+from typing import Self
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
@@ -52,7 +53,7 @@ class Tarpit:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> Tarpit:
+    def start(self) -> Self:
         listener = socket.create_server(("127.0.0.1", self._port), backlog=64)
         self._port = listener.getsockname()[1]
         listener.settimeout(0.1)  # the accept loop looks at _stopped this often
@@ -72,7 +73,7 @@ class Tarpit:
             with contextlib.suppress(OSError):
                 sock.close()
 
-    def __enter__(self) -> Tarpit:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -1,4 +1,4 @@
-"""A raw-socket SMTP client for the tests (no tests here): it can send any bytes and checks every reply for leaks.
+"""A raw-socket SMTP client for tests and the fuzz benchmarks: it can send any bytes and checks every reply for leaks.
 
 Every read is bounded by a socket timeout; nothing sleeps to synchronise.
 """
