@@ -17,7 +17,8 @@ from relay.fleet.status import read_status
 
 
 def run_fleet(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    # Redis's password only: an admin may run this without access to the apps' credentials.
+    settings = load_settings(args.config, secrets_of="fleet")
     if settings.fleet is None:
         print(f"{args.config}: fleet: is not configured: this relay shares no limits (see docs/fleet.md)",
               file=sys.stderr)

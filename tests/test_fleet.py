@@ -396,6 +396,41 @@ def test_fleet_status_without_fleet_or_redis(tmp_path: Path, capsys: pytest.Capt
     assert "cannot reach Redis" in err and "fleet.deadline" in err
 
 
+def test_fleet_status_reads_the_fleets_secret_and_not_the_apps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An admin's shell: no CREDENTIALS_DIRECTORY, the app's secret file out of reach. Redis's password
+    is all `fleet status` needs, and it is still read (and its absence named)."""
+    import yaml
+
+    from relay.cli import main
+    from relay.testing.harness import free_port
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    password = tmp_path / "redis-password"
+    password.write_text("s3cret\n")
+    apps = [{**BASE["apps"][0], "client_secret": None},
+            {**BASE["apps"][0], "name": "b", "client_secret": None}]
+    for app, secret in zip(apps, ["${CREDENTIALS_DIRECTORY}/client_secret", str(tmp_path / "missing")],
+                           strict=True):
+        del app["client_secret"]
+        app["client_secret_file"] = secret
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    data = {**BASE, "apps": apps, "spool": {"path": str(tmp_path / "spool")},
+            "fleet": {"redis": dead, "deadline": 0.5, "password_file": str(password)}}
+    cfg = tmp_path / "relay.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    # The config loads (exit 1 is Redis not answering, not a config error: 2).
+    assert main(["fleet", "-c", str(cfg), "status"]) == 1
+    assert "cannot reach Redis" in capsys.readouterr().err
+    # The service itself still needs the apps' secrets.
+    assert main(["serve", "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "apps[0].client_secret_file: environment variable CREDENTIALS_DIRECTORY is not set" in err
+    # The fleet's own secret is read: a missing one is named.
+    password.unlink()
+    assert main(["fleet", "-c", str(cfg), "status"]) == 2
+    assert "fleet.password_file" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ a relay with a fleet: readiness, metrics
 
 @needs_redis

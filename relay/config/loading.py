@@ -21,10 +21,12 @@ from relay.errors import ConfigError
 
 
 def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *,
-                  read_secrets: bool = True, unread_credentials: list[str] | None = None) -> Settings:
+                  read_secrets: bool = True, unread_credentials: list[str] | None = None,
+                  secrets_of: str | None = None) -> Settings:
     """Read, resolve and validate a config file. Raises ConfigError naming file and key.
 
-    ``read_secrets=False``: for commands that use no credential (see :class:`Resolver`). A list
+    ``read_secrets=False``: for commands that use no credential (see :class:`Resolver`);
+    ``secrets_of="fleet"``: read only the secrets of that section. A list
     passed as ``unread_credentials`` makes a credential key with an unset ``${VAR}`` no error: it is
     left unread and named in the list."""
     file = str(path)
@@ -48,7 +50,7 @@ def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = 
     # read_secrets=False: commands that need no credential (exchange-setup, queue, health) work on an
     # admin's machine, or from a root shell, without the secret files and without CREDENTIALS_DIRECTORY.
     resolver = Resolver(file, base, env, read_secrets=read_secrets,
-                         lenient_credentials=unread_credentials is not None)
+                         lenient_credentials=unread_credentials is not None, secrets_of=secrets_of)
     resolved = resolver.resolve(raw)
     if resolver.placeholders:
         # All of them at once: the admin edits the file once, not once per placeholder.

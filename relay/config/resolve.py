@@ -29,15 +29,17 @@ class Resolver:
     secret file is read, and a credential key whose ``${VAR}`` is unset (``${CREDENTIALS_DIRECTORY}``
     outside the service) keeps its text. ``lenient_credentials`` does the latter while still reading
     every secret it can (``check --offline`` from an admin's shell); the keys left unread are listed
-    in ``unread``.
+    in ``unread``. ``secrets_of="fleet"``: only that top-level section's secrets are read; the others
+    are treated as with ``read_secrets=False`` (``fleet status`` needs Redis's password, not the apps').
     """
 
     def __init__(self, file: str, base: Path, env: Mapping[str, str], *, read_secrets: bool,
-                 lenient_credentials: bool) -> None:
+                 lenient_credentials: bool, secrets_of: str | None = None) -> None:
         self.file = file
         self.base = base
         self.env = env
         self.read_secrets = read_secrets
+        self.secrets_of = secrets_of
         self.lenient = lenient_credentials or not read_secrets
         self.inline_secrets: list[str] = []
         self.placeholders: list[tuple[str, str]] = []
@@ -73,18 +75,22 @@ class Resolver:
                                       f"give either {secret_key} or {file_key}, not both")
                 secret_file = out.pop(file_key)
                 out[secret_key] = "not-read"
-                if self.read_secrets and (*path, file_key) not in self._unread_paths:
+                if self._reads(path) and (*path, file_key) not in self._unread_paths:
                     self._pending.append((out, secret_key, secret_file, (*path, file_key)))
             elif isinstance(out.get(secret_key), str) and secret_key in node and "${" not in str(node[secret_key]):
                 self.inline_secrets.append(key_path((*path, secret_key)))
         return out
+
+    def _reads(self, path: tuple[str | int, ...]) -> bool:
+        """Whether the secrets at ``path`` are read."""
+        return self.read_secrets and (self.secrets_of is None or path[:1] == (self.secrets_of,))
 
     def _string(self, node: str, path: tuple[str | int, ...]) -> str:
         def substitute(m: re.Match[str]) -> str:
             name = m.group(1)
             if name in self.env:
                 return self.env[name]
-            if self.lenient and path and path[-1] in _CREDENTIAL_KEYS:
+            if (self.lenient or not self._reads(path)) and path and path[-1] in _CREDENTIAL_KEYS:
                 self._unread_paths.add(path)
                 self.unread.append(f"{key_path(path)} (${{{name}}} is not set)")
                 return m.group(0)
