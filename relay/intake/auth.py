@@ -71,8 +71,9 @@ async def _check_password(login: str, password: str, policy: Policy, verified: V
     user = policy.user(login)
     if user is None:
         # Same cost as a known user with a wrong password: the answer time does not tell a
-        # guesser which user names exist.
-        await asyncio.to_thread(verify_password, password, _dummy_hash(settings))
+        # guesser which user names exist. The dummy hash is made (once) in the thread too: scrypt
+        # is slow on purpose and must not stall the event loop.
+        await asyncio.to_thread(lambda: verify_password(password, _dummy_hash(settings)))
         return False
     if verified.hit(user.name, user.password_hash, password):
         return True
